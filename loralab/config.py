@@ -1,0 +1,136 @@
+"""LoraConfig: which modules get an adapter, and with which rank, alpha and init.
+
+Field names and meanings follow HuggingFace PEFT's `LoraConfig`, so a PEFT user can pass the same values:
+
+    r                  rank of the update ΔW = (lora_alpha / r) · B · A, A: (r, in), B: (out, r)
+    lora_alpha         scale numerator; scaling = lora_alpha / r  (or lora_alpha / √r with use_rslora)
+    lora_dropout       dropout applied to the adapter's input only (the base path never sees it)
+    target_modules     list of names (exact module path or dotted suffix), one regex string (full match
+                       on the module path), or "all-linear" (every Linear / GPT-2 Conv1D but the output head)
+    exclude_modules    same forms as target_modules; matching modules are skipped
+    layers_to_transform / layers_pattern   restrict to these layer indices (the number after `layers_pattern`)
+    rank_pattern / alpha_pattern           {regex matched as a suffix of the module path: r or alpha}
+    init_lora_weights  True: A Kaiming-uniform, B = 0 (model starts exactly as pretrained);
+                       "gaussian": A ~ N(0, 1/r), B = 0;  "pissa": A, B from the top-r SVD of W0 and
+                       W0 replaced by its residual;  False: A and B both random (not an identity start)
+    bias               "none" (biases stay frozen), "all" (every bias trains), "lora_only" (biases of
+                       adapted layers train)
+    modules_to_save    extra modules (e.g. a classifier head) trained in full and saved with the adapter
+    fan_in_fan_out     PEFT's flag for bases stored as (in, out); loralab detects this per layer
+                       (GPT-2 Conv1D, Embedding), so it is accepted for compatibility only
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+__all__ = ["LoraConfig", "INIT_CHOICES", "BIAS_CHOICES"]
+
+INIT_CHOICES = (True, False, "gaussian", "pissa")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+def _as_names(field_name: str, value):
+    """Normalise a target/exclude spec: None, one regex string, or a tuple of names."""
+    if value is None or isinstance(value, str):
+        if isinstance(value, str):
+            _check_regex(field_name, value)
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        names = tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad:
+            raise ValueError(f"{field_name} must hold non-empty module names, got {bad!r}")
+        return names
+    raise TypeError(
+        f"{field_name} must be a list of module names, a regex string or 'all-linear', "
+        f"got {type(value).__name__}: {value!r}"
+    )
+
+
+def _check_regex(field_name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"{field_name}={pattern!r} is not a valid regular expression ({e})") from None
+
+
+def _check_positive(field_name: str, value, kind=(int, float)) -> None:
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        raise ValueError(f"{field_name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    r: int = 8                                 # rank of A (r, in) and B (out, r)
+    lora_alpha: float = 8                      # scaling = lora_alpha / r
+    lora_dropout: float = 0.0                  # on the adapter input only
+    target_modules: str | Sequence[str] | None = None
+    exclude_modules: str | Sequence[str] | None = None
+    layers_to_transform: int | Sequence[int] | None = None
+    layers_pattern: str | Sequence[str] | None = None
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False                   # scaling = lora_alpha / sqrt(r)
+    init_lora_weights: bool | str = True
+    bias: str = "none"
+    modules_to_save: Sequence[str] | None = None
+    fan_in_fan_out: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"r must be a positive integer (the adapter rank), got {self.r!r}; try r=8")
+        _check_positive("lora_alpha", self.lora_alpha)
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}; try 0.05")
+        if self.init_lora_weights not in INIT_CHOICES or (
+                isinstance(self.init_lora_weights, int) and not isinstance(self.init_lora_weights, bool)):
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} is not supported; "
+                             f"choose one of {INIT_CHOICES}")
+        if self.bias not in BIAS_CHOICES:
+            raise ValueError(f"bias={self.bias!r} is not supported; choose one of {BIAS_CHOICES}")
+        object.__setattr__(self, "target_modules", _as_names("target_modules", self.target_modules))
+        object.__setattr__(self, "exclude_modules", _as_names("exclude_modules", self.exclude_modules))
+        object.__setattr__(self, "layers_pattern", _as_names("layers_pattern", self.layers_pattern))
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str):
+                object.__setattr__(self, "modules_to_save", (self.modules_to_save,))
+            object.__setattr__(self, "modules_to_save", _as_names("modules_to_save", self.modules_to_save))
+        ltt = self.layers_to_transform
+        if ltt is not None:
+            ltt = (ltt,) if isinstance(ltt, int) else tuple(ltt)
+            if not ltt or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ltt):
+                raise ValueError(f"layers_to_transform must be layer indices >= 0, got {self.layers_to_transform!r}")
+            object.__setattr__(self, "layers_to_transform", ltt)
+        for name, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+            pattern = dict(getattr(self, name) or {})
+            for key, value in pattern.items():
+                _check_regex(f"{name} key", key)
+                _check_positive(f"{name}[{key!r}]", value, kind)
+            object.__setattr__(self, name, pattern)
+
+    def rank_and_alpha(self, module_path: str) -> tuple[int, float]:
+        """The (r, lora_alpha) for one module: rank_pattern / alpha_pattern override the defaults.
+
+        A pattern key matches when it matches a dotted suffix of the path (PEFT's rule), e.g. key
+        "q_proj" or r"layers\\.0\\.self_attn\\.q_proj" both match "model.layers.0.self_attn.q_proj"."""
+        return (_pattern_value(self.rank_pattern, module_path, self.r),
+                _pattern_value(self.alpha_pattern, module_path, self.lora_alpha))
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (tuples become lists)."""
+        out = {}
+        for key in self.__dataclass_fields__:
+            value = getattr(self, key)
+            out[key] = list(value) if isinstance(value, tuple) else value
+        return out
+
+
+def _pattern_value(pattern: Mapping, module_path: str, default):
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default

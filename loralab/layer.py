@@ -1,0 +1,257 @@
+"""LoRA layers: a frozen base layer plus one or more low-rank adapters.
+
+    y = W0·x + Σ_active (α/r)·B·A·dropout(x)          A: (r, in)   B: (out, r)
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021), arXiv:2106.09685.
+rsLoRA (Kalajdzievski, 2023, arXiv:2312.03732) uses α/√r so the update's size does not shrink as r grows.
+
+Init: A Kaiming-uniform, B = 0, so ΔW = 0 and the wrapped model starts exactly as the base (for an
+Embedding, A = 0 and B ~ N(0, 1): the lookup goes through A first, PEFT's convention).
+
+`LoRALinear` wraps (composition, not subclassing) any base that maps (..., in) -> (..., out) and stores a
+dense weight: `nn.Linear` (weight (out, in)), GPT-2's `Conv1D` (weight (in, out), "fan_in_fan_out"), or a
+quantized base exposing `dense_weight()` / `in_features` / `out_features`. `LoRAEmbedding` does the same for
+`nn.Embedding` (weight (num_embeddings, dim), i.e. stored as (in, out)).
+
+Each adapter's whole state (A, B, rank, alpha, dropout, merged flag) is one `LoRAAdapter`; a layer holds
+them in `adapters` (an nn.ModuleDict) and names the active ones in `active`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["LoRAAdapter", "LoRALinear", "LoRAEmbedding", "delta_weight", "lora_scaling", "is_conv1d"]
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """α/r, or α/√r for rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """ΔW = scaling · B @ A, computed in float32.  A: (r, in), B: (out, r) -> (out, in)."""
+    return (B.float() @ A.float()) * scaling
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style transformers Conv1D: y = x @ W + b with W stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+class LoRAAdapter(nn.Module):
+    """One adapter: A (r, in), B (out, r), scaling, dropout probability and whether it is merged."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, *,
+                 lora_dropout: float = 0.0, use_rslora: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
+        self.lora_dropout = float(lora_dropout)
+        self.scaling = lora_scaling(r, lora_alpha, use_rslora)
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
+        self.merged = False
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW in float32, (out, in)."""
+        return delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def extra_repr(self) -> str:
+        out, r = self.lora_B.shape
+        return (f"in={self.lora_A.shape[1]}, out={out}, r={r}, lora_alpha={self.lora_alpha}, "
+                f"scaling={self.scaling:.4g}, dropout={self.lora_dropout}, merged={self.merged}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen base layer (Linear / Conv1D / quantized) plus low-rank adapters.
+
+    forward: x (..., in) -> (..., out).  The LoRA path runs in the adapter dtype (fp32 under a half
+    precision base by default) and its result is cast back to the base output's dtype."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        if isinstance(base_layer, LoRALinear):
+            raise TypeError("base_layer is already a LoRA layer; add a second adapter with add_adapter()")
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.disabled = False
+        self.fan_in_fan_out = is_conv1d(base_layer) or isinstance(base_layer, nn.Embedding)
+        self.in_features, self.out_features = _base_dims(base_layer)
+
+    # ---- adapters --------------------------------------------------------------------------------------
+    def add_adapter(self, name: str, r: int, lora_alpha: float, *, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool | str = True, dtype=None) -> LoRAAdapter:
+        """Create adapter `name` and make it active.  dtype defaults to float32 under a half-precision
+        base (adapter updates are too small for bf16/fp16) and to the base dtype otherwise."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
+        weight = self.dense_weight()
+        if dtype is None:
+            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+            if not weight.dtype.is_floating_point:
+                dtype = torch.float32
+        adapter = LoRAAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout=lora_dropout,
+                              use_rslora=use_rslora, device=weight.device, dtype=dtype)
+        self._init_adapter(adapter, init_lora_weights)
+        self.adapters[name] = adapter
+        self.active = self.active + (name,)
+        return adapter
+
+    def _init_adapter(self, adapter: LoRAAdapter, init) -> None:
+        with torch.no_grad():
+            if init is True:
+                return  # Kaiming-uniform A, zero B (done in LoRAAdapter)
+            if init == "gaussian":
+                nn.init.normal_(adapter.lora_A, std=1.0 / adapter.r)
+            elif init is False:  # both random: the model no longer starts as the base (PEFT's meaning)
+                nn.init.kaiming_uniform_(adapter.lora_B, a=math.sqrt(5))
+            elif init == "pissa":
+                self._init_pissa(adapter)
+            else:
+                raise ValueError(f"init_lora_weights={init!r} is not supported")
+
+    def _init_pissa(self, adapter: LoRAAdapter) -> None:
+        """PiSSA (Meng et al. 2024, arXiv:2404.02948): A, B from the top-r singular triplets of W0, and
+        W0 replaced by the residual, so the output is unchanged at init but training starts on W0's
+        principal directions."""
+        W = self.dense_weight().float()                      # (out, in)
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        r = adapter.r
+        root = (S[:r] / adapter.scaling).sqrt()
+        adapter.lora_A.copy_((root[:, None] * Vh[:r]).to(adapter.lora_A.dtype))  # (r, in)
+        adapter.lora_B.copy_((U[:, :r] * root[None, :]).to(adapter.lora_B.dtype))  # (out, r)
+        self.set_dense_weight(W - adapter.delta_weight())
+
+    def set_active(self, names: tuple[str, ...]) -> None:
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            raise KeyError(f"no adapter named {missing} on this layer; it has {list(self.adapters)}")
+        self.active = tuple(names)
+
+    # ---- forward ---------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        for name in self.active:
+            adapter = self.adapters[name]
+            if adapter.merged:
+                continue
+            out = _add_lora(out, x, adapter, self.training)
+        return out
+
+    # ---- the base weight, always seen as (out, in) -----------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """The base weight as (out, in) (a view for Linear/Conv1D; dequantized for quantized bases)."""
+        base = self.base_layer
+        if hasattr(base, "dense_weight"):
+            return base.dense_weight()
+        return base.weight.T if self.fan_in_fan_out else base.weight
+
+    def set_dense_weight(self, W: torch.Tensor) -> None:
+        """Write W (out, in), cast to the base's dtype; refuses NaN/Inf."""
+        if not torch.isfinite(W).all():
+            raise ValueError("refusing to write NaN/Inf into the base weight (the adapter holds non-finite values)")
+        base = self.base_layer
+        if hasattr(base, "set_dense_weight"):
+            base.set_dense_weight(W)
+            return
+        with torch.no_grad():
+            base.weight.copy_((W.T if self.fan_in_fan_out else W).to(base.weight.dtype))
+
+    # ---- merge -----------------------------------------------------------------------------------------
+    def merge(self, names: tuple[str, ...] | None = None) -> None:
+        """W0 <- W0 + ΔW for each named (default: active) adapter, in float32, cast back."""
+        names = self.active if names is None else names
+        todo = [n for n in names if not self.adapters[n].merged]
+        if not todo:
+            return
+        W = self.dense_weight().float()
+        for n in todo:
+            W = W + self.adapters[n].delta_weight().to(W.device)
+        self.set_dense_weight(W)
+        for n in todo:
+            self.adapters[n].merged = True
+
+    def unmerge(self) -> None:
+        """W0 <- W0 - ΔW for every merged adapter."""
+        merged = [n for n, a in self.adapters.items() if a.merged]
+        if not merged:
+            return
+        W = self.dense_weight().float()
+        for n in merged:
+            W = W - self.adapters[n].delta_weight().to(W.device)
+        self.set_dense_weight(W)
+        for n in merged:
+            self.adapters[n].merged = False
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, active={list(self.active)}, disabled={self.disabled}"
+
+
+def _add_lora(out: torch.Tensor, x: torch.Tensor, adapter: LoRAAdapter, training: bool) -> torch.Tensor:
+    """out + scaling · (dropout(x) @ A.T) @ B.T, with the scale applied on the narrow (…, r) tensor and the
+    final add fused into the matmul (addmm) — this is the per-token cost of an unmerged adapter."""
+    A, B = adapter.lora_A, adapter.lora_B
+    if x.dtype != A.dtype:
+        x = x.to(A.dtype)
+    if adapter.lora_dropout and training:
+        x = F.dropout(x, adapter.lora_dropout, True)
+    h = F.linear(x, A) * adapter.scaling                                   # (..., r)
+    if out.dtype == h.dtype and out.dim() >= 2 and out.is_contiguous():
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.T).view(out.shape)
+    return out + F.linear(h, B).to(out.dtype)
+
+
+class LoRAEmbedding(LoRALinear):
+    """LoRA on nn.Embedding: ids (...) -> (..., dim).  A: (r, num_embeddings), B: (dim, r).
+    Dropout is not applied (the input is ids)."""
+
+    def add_adapter(self, name, r, lora_alpha, *, lora_dropout=0.0, use_rslora=False,
+                    init_lora_weights=True, dtype=None):
+        adapter = super().add_adapter(name, r, lora_alpha, lora_dropout=0.0, use_rslora=use_rslora,
+                                      init_lora_weights=init_lora_weights, dtype=dtype)
+        if init_lora_weights in (True, "gaussian"):
+            with torch.no_grad():  # A = 0, B ~ N(0, 1): a lookup into A starts at zero (PEFT's convention)
+                nn.init.zeros_(adapter.lora_A)
+                nn.init.normal_(adapter.lora_B)
+        return adapter
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(ids)
+        if self.disabled:
+            return out
+        base = self.base_layer
+        for name in self.active:
+            adapter = self.adapters[name]
+            if adapter.merged:
+                continue
+            h = F.embedding(ids, adapter.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,
+                            base.scale_grad_by_freq, base.sparse)          # (..., r)
+            out = out + (F.linear(h, adapter.lora_B) * adapter.scaling).to(out.dtype)
+        return out
+
+
+def _base_dims(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer."""
+    if isinstance(base, nn.Embedding):
+        return base.num_embeddings, base.embedding_dim
+    if is_conv1d(base):
+        return base.weight.shape[0], base.weight.shape[1]
+    if hasattr(base, "in_features") and hasattr(base, "out_features"):
+        return base.in_features, base.out_features
+    raise TypeError(f"cannot wrap {type(base).__name__}: it has no in_features/out_features")
+
+
+def warn_if_rank_too_large(path: str, r: int, in_features: int, out_features: int) -> None:
+    if r > min(in_features, out_features):
+        warnings.warn(f"{path}: r={r} exceeds min(in={in_features}, out={out_features}) = "
+                      f"{min(in_features, out_features)}; ΔW cannot have rank above that, so the extra "
+                      f"rank is wasted parameters", stacklevel=3)

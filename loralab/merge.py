@@ -1,0 +1,81 @@
+"""Fold adapters into the base weights and back.
+
+    merge:    W' = W0 + (α/r)·B·A        unmerge:  W0 = W' - (α/r)·B·A
+
+Computed in float32 and cast back to the base dtype (so bf16/fp16 bases lose at most one rounding), and
+refusing to write NaN/Inf.  Every layer is checked before any weight changes, so an error leaves the model
+as it was.  In fp32, unmerge restores W0 to within float rounding; in half precision it cannot be exact,
+which is why unmerging a half-precision base warns.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .inject import lora_layers
+
+__all__ = ["merge", "unmerge", "merge_and_unload"]
+
+
+def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
+    """Merge the active adapters (or `adapter_names`) into the base weights, on every LoRA layer."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers to merge; call add_lora or load_adapter first")
+    names = (adapter_names,) if isinstance(adapter_names, str) else adapter_names
+    plan = []
+    for path, layer in layers.items():
+        todo = tuple(layer.active if names is None else [n for n in names if n in layer.adapters])
+        already = [n for n in todo if layer.adapters[n].merged]
+        if already:
+            raise RuntimeError(f"adapter {already[0]!r} is already merged into {path}; merging twice would "
+                               f"add ΔW twice. Call unmerge(model) first.")
+        _check_finite(path, layer, todo)
+        plan.append((layer, todo))
+    if names is not None and not any(todo for _, todo in plan):
+        raise KeyError(f"no adapter named {list(names)} in the model")
+    for layer, todo in plan:
+        layer.merge(todo)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract every merged adapter from its base weight again."""
+    layers = lora_layers(model)
+    merged = [l for l in layers.values() if any(a.merged for a in l.adapters.values())]
+    if not merged:
+        raise RuntimeError("no adapter is merged, so there is nothing to unmerge")
+    if any(l.dense_weight().dtype in (torch.float16, torch.bfloat16) for l in merged):
+        warnings.warn("unmerging a half-precision base restores W0 only up to bf16/fp16 rounding", stacklevel=2)
+    for layer in merged:
+        layer.unmerge()
+    return model
+
+
+def merge_and_unload(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
+    """Merge (active or named adapters) and put the plain base layers back: no LoRA module remains.
+    Adapters not merged are dropped.  Returns the model (changed in place)."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("the model has no LoRA layers; nothing to merge and unload")
+    names = (adapter_names,) if isinstance(adapter_names, str) else adapter_names
+    plan = {path: tuple(layer.active if names is None else [n for n in names if n in layer.adapters])
+            for path, layer in layers.items()}
+    for path, todo in plan.items():
+        _check_finite(path, layers[path], todo)
+    for path, layer in layers.items():
+        layer.merge(plan[path])  # skips adapters already merged
+    for path, layer in layers.items():
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, layer.base_layer)
+    return model
+
+
+def _check_finite(path: str, layer, names) -> None:
+    for n in names:
+        if not all(torch.isfinite(p).all() for p in layer.adapters[n].parameters()):
+            raise ValueError(f"adapter {n!r} at {path} holds NaN/Inf; refusing to merge it into the base")
