@@ -1,0 +1,216 @@
+"""LoRALinear / LoRAEmbedding: init, forward against an explicit formula, scaling, dtypes, property tests."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from loralab import LoRAEmbedding, LoRALinear, delta_weight
+
+
+def _layer(in_f=12, out_f=10, r=4, alpha=8.0, bias=True, seed=0, **kw):
+    torch.manual_seed(seed)
+    layer = LoRALinear(nn.Linear(in_f, out_f, bias=bias))
+    layer.add_adapter("default", r, alpha, **kw)
+    return layer
+
+
+def _randomize_B(layer, name="default", seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        B = layer.adapters[name].lora_B
+        B.copy_(torch.randn(B.shape, generator=g).to(B.dtype))
+
+
+def test_b_is_zero_at_init_and_output_equals_base_exactly():
+    layer = _layer()
+    assert torch.count_nonzero(layer.adapters["default"].lora_B) == 0
+    assert torch.count_nonzero(layer.adapters["default"].lora_A) > 0
+    x = torch.randn(3, 5, 12)
+    assert torch.equal(layer(x), layer.base_layer(x))
+
+
+def test_a_is_kaiming_uniform_bounded():
+    layer = _layer(in_f=400, r=8)
+    bound = 1 / math.sqrt(400)  # kaiming_uniform with a=sqrt(5) on fan_in=400
+    A = layer.adapters["default"].lora_A
+    assert A.abs().max() <= bound and A.abs().max() > 0.9 * bound
+
+
+def test_forward_matches_formula():
+    layer = _layer(r=3, alpha=6.0)
+    _randomize_B(layer)
+    a = layer.adapters["default"]
+    x = torch.randn(4, 12)
+    W0, b = layer.base_layer.weight, layer.base_layer.bias
+    expected = x @ W0.T + b + (6.0 / 3) * (x @ a.lora_A.T) @ a.lora_B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_parameter_count_is_r_times_in_plus_out():
+    layer = LoRALinear(nn.Linear(4096, 4096, bias=False))
+    layer.add_adapter("default", 8, 16)
+    n = sum(p.numel() for p in layer.adapters.parameters())
+    assert n == 8 * (4096 + 4096) == 65_536
+    assert 4096 * 4096 // n == 256
+
+
+def test_doubling_alpha_doubles_the_delta():
+    l1, l2 = _layer(alpha=4.0, seed=3), _layer(alpha=8.0, seed=3)
+    _randomize_B(l1), _randomize_B(l2)
+    x = torch.randn(6, 12)
+    d1 = l1(x) - l1.base_layer(x)
+    d2 = l2(x) - l2.base_layer(x)
+    torch.testing.assert_close(d2, 2 * d1, rtol=1e-5, atol=1e-6)
+
+
+def test_rslora_scaling_is_alpha_over_sqrt_r():
+    layer = _layer(r=16, alpha=8.0, use_rslora=True)
+    assert layer.adapters["default"].scaling == pytest.approx(8.0 / 4.0)
+    assert _layer(r=16, alpha=8.0).adapters["default"].scaling == pytest.approx(0.5)
+
+
+def test_dropout_only_in_training_and_only_on_the_adapter_path():
+    layer = _layer(lora_dropout=0.5)
+    _randomize_B(layer)
+    x = torch.randn(64, 12)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    torch.manual_seed(0)
+    y1 = layer(x)
+    torch.manual_seed(1)
+    y2 = layer(x)
+    assert not torch.allclose(y1, y2)
+    with torch.no_grad():  # with B = 0 dropout cannot touch the output: it never reaches the base path
+        layer.adapters["default"].lora_B.zero_()
+    torch.testing.assert_close(layer(x), layer.base_layer(x))
+
+
+def test_gradients_reach_a_and_b_and_match_autograd_of_formula():
+    layer = _layer(r=2, alpha=4.0)
+    _randomize_B(layer)
+    a = layer.adapters["default"]
+    x = torch.randn(5, 12)
+    layer(x).pow(2).sum().backward()
+    A, B = a.lora_A.detach().clone().requires_grad_(), a.lora_B.detach().clone().requires_grad_()
+    ref = layer.base_layer(x).detach() + 2.0 * (x @ A.T) @ B.T
+    ref.pow(2).sum().backward()
+    torch.testing.assert_close(a.lora_A.grad, A.grad)
+    torch.testing.assert_close(a.lora_B.grad, B.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_keeps_fp32_adapters(dtype):
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(16, 8).to(dtype))
+    layer.add_adapter("default", 4, 8)
+    a = layer.adapters["default"]
+    assert a.lora_A.dtype == torch.float32 and a.lora_B.dtype == torch.float32
+    _randomize_B(layer)
+    x = torch.randn(3, 16).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    expected = layer.base_layer(x).float() + a.scaling * (x.float() @ a.lora_A.T) @ a.lora_B.T
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_conv1d_base_is_handled_as_fan_in_fan_out():
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    conv = Conv1D(10, 12)  # nf=out=10, nx=in=12; weight stored (in, out)
+    layer = LoRALinear(conv)
+    layer.add_adapter("default", 3, 3)
+    _randomize_B(layer)
+    a = layer.adapters["default"]
+    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (12, 10)
+    x = torch.randn(2, 12)
+    expected = x @ conv.weight + conv.bias + (x @ a.lora_A.T) @ a.lora_B.T
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+    W_before = conv.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(conv.weight, W_before + delta_weight(a.lora_A, a.lora_B, a.scaling).T)
+
+
+def test_embedding_starts_as_base_and_matches_formula():
+    torch.manual_seed(0)
+    emb = nn.Embedding(20, 6, padding_idx=0)
+    layer = LoRAEmbedding(emb)
+    layer.add_adapter("default", 3, 6)
+    ids = torch.tensor([[0, 3, 7], [19, 2, 2]])
+    assert torch.equal(layer(ids), emb(ids))  # A = 0 at init
+    a = layer.adapters["default"]
+    with torch.no_grad():
+        a.lora_A.normal_()
+    expected = emb(ids) + 2.0 * a.lora_A.T[ids] @ a.lora_B.T
+    torch.testing.assert_close(layer(ids), expected)
+    out = layer(ids)
+    layer.merge()
+    torch.testing.assert_close(layer(ids), out, rtol=1e-5, atol=1e-5)
+
+
+def test_pissa_init_keeps_outputs_and_puts_principal_directions_in_the_adapter():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    x = torch.randn(4, 16)
+    before = base(x).detach()
+    W = base.weight.detach().clone()
+    layer = LoRALinear(base)
+    layer.add_adapter("default", 4, 4, init_lora_weights="pissa")
+    torch.testing.assert_close(layer(x), before, rtol=1e-4, atol=1e-5)
+    S = torch.linalg.svdvals(W)
+    assert torch.linalg.svdvals(layer.adapters["default"].delta_weight().detach())[:4].tolist() == pytest.approx(S[:4].tolist(), rel=1e-4)
+
+
+def test_gaussian_init_and_false_init():
+    g = _layer(r=4, init_lora_weights="gaussian", in_f=300)
+    assert torch.count_nonzero(g.adapters["default"].lora_B) == 0
+    assert g.adapters["default"].lora_A.std().item() == pytest.approx(0.25, rel=0.1)
+    f = _layer(init_lora_weights=False)
+    assert torch.count_nonzero(f.adapters["default"].lora_B) > 0  # not an identity start
+
+
+def test_double_add_of_same_name_is_refused():
+    layer = _layer()
+    with pytest.raises(ValueError, match="already exists"):
+        layer.add_adapter("default", 2, 2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(in_f=st.integers(1, 40), out_f=st.integers(1, 40), r=st.integers(1, 12),
+       alpha=st.floats(0.5, 64), batch=st.integers(1, 5), seed=st.integers(0, 10_000),
+       rslora=st.booleans(), conv=st.booleans())
+def test_property_merged_equals_unmerged_and_unmerge_restores(in_f, out_f, r, alpha, batch, seed, rslora, conv):
+    torch.manual_seed(seed)
+    if conv:
+        from transformers.pytorch_utils import Conv1D
+        base = Conv1D(out_f, in_f)
+        nn.init.normal_(base.weight, std=0.2)
+    else:
+        base = nn.Linear(in_f, out_f)
+    layer = LoRALinear(base)
+    with pytest.warns(UserWarning) if r > min(in_f, out_f) else _nullcontext():
+        from loralab.layer import warn_if_rank_too_large
+        warn_if_rank_too_large("m", r, in_f, out_f)
+    layer.add_adapter("default", r, alpha, use_rslora=rslora)
+    _randomize_B(layer, seed=seed + 1)
+    x = torch.randn(batch, in_f)
+    W0 = layer.dense_weight().detach().clone()
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge()
+        merged = layer(x)
+    scale = unmerged.abs().max().clamp_min(1.0)
+    assert ((merged - unmerged).abs().max() / scale) <= 1e-5
+    layer.unmerge()
+    assert ((layer.dense_weight() - W0).abs().max() / W0.abs().max().clamp_min(1.0)) <= 1e-6
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
