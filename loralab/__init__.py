@@ -8,6 +8,8 @@ from .inject import (add_lora, delete_adapter, disable_lora, find_targets, list_
                      trainable_report)
 from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, delta_weight
 from .merge import merge, merge_and_unload, unmerge
+from .files import LoadReport, load_adapter, save_adapter
+from .combine import CombineReport, combine_adapters
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,5 @@ __all__ = [
     "LoraConfig", "LoRALinear", "LoRAEmbedding", "LoRAAdapter", "add_lora", "trainable_report", "merge",
     "unmerge", "merge_and_unload", "disable_lora", "set_adapter", "delete_adapter", "list_adapters",
     "find_targets", "delta_weight",
+    "save_adapter", "load_adapter", "LoadReport", "combine_adapters", "CombineReport",
 ]

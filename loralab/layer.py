@@ -48,15 +48,29 @@ class LoRAAdapter(nn.Module):
     """One adapter: A (r, in), B (out, r), scaling, dropout probability and whether it is merged."""
 
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, *,
-                 lora_dropout: float = 0.0, use_rslora: bool = False, device=None, dtype=None):
+                 lora_dropout: float = 0.0, use_rslora: bool = False, device=None, dtype=None,
+                 factors: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.lora_dropout = float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        self.lora_A = nn.Parameter(torch.empty(r, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, device=device, dtype=dtype))
         self.merged = False
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
+        if factors is None:
+            A = torch.empty(r, in_features, device=device, dtype=dtype)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
+            factors = (A, torch.zeros(out_features, r, device=device, dtype=dtype))
+        self.lora_A = nn.Parameter(factors[0])
+        self.lora_B = nn.Parameter(factors[1])
+
+    @classmethod
+    def from_factors(cls, lora_A: torch.Tensor, lora_B: torch.Tensor, lora_alpha: float, *,
+                     lora_dropout: float = 0.0, use_rslora: bool = False,
+                     requires_grad: bool = True) -> "LoRAAdapter":
+        """An adapter around existing A (r, in) and B (out, r), used as they are (no init, no copy):
+        loading a file this way skips the random init that would be overwritten anyway."""
+        adapter = cls(lora_A.shape[1], lora_B.shape[0], lora_A.shape[0], lora_alpha, lora_dropout=lora_dropout,
+                      use_rslora=use_rslora, factors=(lora_A, lora_B))
+        return adapter.requires_grad_(requires_grad)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW in float32, (out, in)."""

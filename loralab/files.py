@@ -1,0 +1,602 @@
+"""Adapter files in PEFT's format: save_adapter / load_adapter, strict checks, base-model fingerprint.
+
+A directory holds two files, exactly as PEFT writes them:
+
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight   (r, in)
+                                base_model.model.<module path>.lora_B.weight   (out, r)
+                                base_model.model.<embedding path>.lora_embedding_A   (r, num_embeddings)
+                                base_model.model.<embedding path>.lora_embedding_B   (dim, r)
+                                base_model.model.<module path>.<param>   full tensors of modules_to_save
+                                                                         (and trained biases)
+    adapter_config.json         PEFT's LoraConfig fields: peft_type "LORA", r, lora_alpha, target_modules, ...
+
+The safetensors metadata also carries a fingerprint of the base model (per adapted module: the shape and
+dtype of the base weight and 16 strided samples of it).  PEFT ignores metadata; load_adapter compares the
+samples (to one bf16 rounding, so a bf16/fp16 copy of the same base still matches) and refuses a different base.
+
+Loading is strict and transactional: every tensor is read and checked (shape, dtype, NaN/Inf, that
+it names a module the config targets, that every targeted module gets its A and B) before the model is
+touched, and any failure after that point rolls the model back, so a failed load leaves it as it was.
+Pickle files (.bin/.pt) are refused unless allow_pickle=True, and then read with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .inject import find_targets, list_adapters, lora_layers
+from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, is_conv1d
+
+__all__ = ["save_adapter", "load_adapter", "LoadReport", "config_from_peft", "base_fingerprint",
+           "WEIGHTS_NAME", "CONFIG_NAME"]
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
+PREFIX = "base_model.model."
+FINGERPRINT_KEY = "loralab.fingerprint"
+SAMPLES = 16
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<name>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+# adapter_config.json fields, by what loralab does with them.
+_HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
+             "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias", "modules_to_save",
+             "init_lora_weights", "fan_in_fan_out"}
+_NO_MATH = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+            "peft_version", "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
+            "lora_ga_config", "runtime_config", "ensure_weight_tying", "velora_config"}
+_UNSUPPORTED = {  # field: why it changes the math (it is refused unless it has PEFT's default value)
+    "use_dora": "DoRA rescales each output column by a learned magnitude vector",
+    "lora_bias": "lora_bias adds a trained bias to lora_B",
+    "layer_replication": "layer_replication duplicates decoder layers",
+    "target_parameters": "target_parameters adapts raw nn.Parameters (MoE experts), not modules",
+    "trainable_token_indices": "trainable_token_indices trains single rows of the embedding",
+    "alora_invocation_tokens": "aLoRA applies the adapter only after its invocation tokens",
+    "use_qalora": "QALoRA pools the input in groups before lora_A",
+    "use_bdlora": "BD-LoRA uses block-diagonal factors",
+    "arrow_config": "Arrow routes each token between several adapters",
+    "megatron_config": "Megatron parallel layers are not supported",
+    "kasa_config": "KaSA inserts a learned diagonal between lora_A and lora_B and truncates W0",
+    "monteclora_config": "MonteCLoRA samples the adapter",
+}
+# Inits that only set A and B (which the file overwrites) vs inits that also rewrite W0 at load time.
+_AB_ONLY_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
+# ---- config <-> adapter_config.json ---------------------------------------------------------------------
+def config_from_peft(raw: dict, source: str = CONFIG_NAME) -> tuple[LoraConfig, list[str]]:
+    """LoraConfig from PEFT's adapter_config.json contents, plus warnings for fields ignored as harmless.
+    Raises ValueError naming the field when a field would change the math in a way loralab cannot reproduce."""
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{source}: peft_type={raw.get('peft_type')!r}; loralab loads LoRA adapters only")
+    for name, why in _UNSUPPORTED.items():
+        if raw.get(name) not in (None, False, [], {}):
+            raise ValueError(f"{source}: {name}={raw[name]!r} is not supported ({why}); loading it as plain "
+                             f"LoRA would give different outputs. Use PEFT for this adapter.")
+    init = raw.get("init_lora_weights", True)
+    if init not in _AB_ONLY_INITS and init != "pissa":
+        raise ValueError(f"{source}: init_lora_weights={init!r} rewrites the base weights when PEFT loads the "
+                         f"adapter, which loralab cannot reproduce exactly. Convert it to plain LoRA with PEFT "
+                         f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)), or set it to "
+                         f"true if the base you load onto already is the converted residual model.")
+    unknown = sorted(set(raw) - _HONOURED - _NO_MATH - set(_UNSUPPORTED))
+    notes = [f"{source}: field {k!r} is unknown to loralab and ignored" for k in unknown]
+    kwargs = {k: raw[k] for k in _HONOURED if raw.get(k) is not None}
+    kwargs["init_lora_weights"] = "pissa" if init == "pissa" else True  # A, B come from the file anyway
+    try:
+        return LoraConfig(**kwargs), notes
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{source}: {e}") from None
+
+
+def _config_to_peft(model: nn.Module, layers: dict[str, LoRALinear], adapter_name: str,
+                    modules_to_save, bias: str, base_model_name_or_path, task_type) -> dict:
+    """adapter_config.json for one adapter: per-module rank/alpha differences go to rank_pattern/alpha_pattern
+    (keys are escaped full paths, PEFT matches them as a suffix regex), target_modules to the shortest
+    name suffixes that select exactly these modules under PEFT's matching rule."""
+    adapters = {p: l.adapters[adapter_name] for p, l in layers.items()}
+    rslora = {a.use_rslora for a in adapters.values()}
+    use_rslora = rslora == {True}
+    # a per-module alpha that reproduces each scaling exactly, even if rsLoRA was mixed across modules
+    alpha = {p: (a.lora_alpha if len(rslora) == 1 else a.scaling * a.r) for p, a in adapters.items()}
+    rank = {p: a.r for p, a in adapters.items()}
+    r0 = Counter(rank.values()).most_common(1)[0][0]
+    alpha0 = Counter(alpha.values()).most_common(1)[0][0]
+    dropout = Counter(a.lora_dropout for a in adapters.values()).most_common(1)[0][0]
+    saved = list(modules_to_save) if modules_to_save else None
+    return {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True,
+        "r": r0, "lora_alpha": alpha0, "lora_dropout": dropout, "use_rslora": use_rslora,
+        "target_modules": _target_spec(model, set(layers), saved),
+        "exclude_modules": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {re.escape(p): r for p, r in rank.items() if r != r0},
+        "alpha_pattern": {re.escape(p): a for p, a in alpha.items() if a != alpha0},
+        "fan_in_fan_out": any(is_conv1d(l.base_layer) for l in layers.values()),
+        "bias": bias, "modules_to_save": saved, "init_lora_weights": True,
+        "use_dora": False, "lora_bias": False, "layer_replication": None, "megatron_config": None,
+        "megatron_core": "megatron.core", "loftq_config": {},
+    }
+
+
+def _base_view_paths(model: nn.Module) -> list[str]:
+    """Module paths as PEFT sees the base model: LoRA wrappers count as the module they wrap."""
+    paths, skip = [], None
+    for path, module in model.named_modules():
+        if skip and path.startswith(skip):
+            continue
+        if isinstance(module, LoRALinear):
+            skip = path + "."
+        if path:
+            paths.append(path)
+    return paths
+
+
+def _target_spec(model: nn.Module, targets: set[str], modules_to_save) -> list[str] | str:
+    """Shortest dotted suffixes (PEFT list rule: exact path or '.'+suffix) selecting exactly `targets`;
+    a full-match regex over the paths if some path cannot be singled out by a suffix."""
+    saved = modules_to_save or ()
+    paths = [p for p in _base_view_paths(model)
+             if not any(re.match(rf"(^|.*\.){m}($|\..*)", p) for m in saved)]
+    cache: dict[str, bool] = {}
+
+    def selects_only_targets(suffix: str) -> bool:
+        if suffix not in cache:
+            cache[suffix] = all(p in targets for p in paths if p == suffix or p.endswith("." + suffix))
+        return cache[suffix]
+
+    chosen: dict[str, None] = {}
+    for path in (p for p in paths if p in targets):
+        parts = path.split(".")
+        suffix = next((".".join(parts[-k:]) for k in range(1, len(parts) + 1)
+                       if selects_only_targets(".".join(parts[-k:]))), None)
+        if suffix is None:
+            return "(" + "|".join(re.escape(p) for p in sorted(targets)) + ")"
+        chosen[suffix] = None
+    return list(chosen)
+
+
+# ---- fingerprint ----------------------------------------------------------------------------------------
+def _base_weight(module: nn.Module) -> torch.Tensor:
+    base = module.base_layer if isinstance(module, LoRALinear) else module
+    weight = getattr(base, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point():
+        return weight
+    return base.dense_weight()  # a quantized base: compare what it computes with
+
+
+def base_fingerprint(module: nn.Module) -> dict:
+    """{"shape", "dtype", "sample"}: SAMPLES evenly strided elements of the base weight (no full pass)."""
+    w = _base_weight(module).detach()
+    flat = w.reshape(-1)
+    n = flat.numel()
+    k = min(SAMPLES, n)
+    idx = [i * (n - 1) // max(k - 1, 1) for i in range(k)]
+    return {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
+            "sample": flat[idx].float().tolist()}
+
+
+def _fingerprint_differs(saved: dict, now: dict) -> str | None:
+    """Why two fingerprints differ, or None.  Samples agree within one bf16 rounding (2^-7 relative), so the
+    same base held in fp32, bf16 or fp16 matches, while a fine-tuned or different base does not."""
+    if list(saved.get("shape", [])) != now["shape"]:
+        return f"shape {tuple(saved.get('shape', []))} vs {tuple(now['shape'])}"
+    a, b = saved.get("sample", []), now["sample"]
+    if len(a) != len(b) or any(not abs(x - y) <= 2 ** -7 * max(abs(x), abs(y)) + 1e-6 for x, y in zip(a, b)):
+        return "weights differ"
+    return None
+
+
+# ---- save -----------------------------------------------------------------------------------------------
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
+                 modules_to_save=None, bias: str = "none", base_model_name_or_path: str | None = None,
+                 task_type: str | None = None) -> Path:
+    """Write adapter `adapter_name` to `directory` in PEFT's format (loadable by PeftModel.from_pretrained).
+
+    modules_to_save: module names (PEFT's rule) whose full weights travel with the adapter, e.g. ["lm_head"].
+    bias: "none" | "all" | "lora_only" — which trained biases to save (as in LoraConfig).
+    Each file is written to a temporary name and renamed into place, so an interrupted save never leaves
+    a half-written file where a complete one was.  Returns the directory."""
+    layers = {p: l for p, l in lora_layers(model).items() if adapter_name in l.adapters}
+    if not layers:
+        raise KeyError(f"no adapter named {adapter_name!r} to save; the model has {list_adapters(model)}")
+    merged = [p for p, l in layers.items() if any(a.merged for a in l.adapters.values())]
+    if merged:
+        raise RuntimeError(f"{len(merged)} of the adapted base layers hold a merged adapter (e.g. {merged[0]}); "
+                           f"call unmerge(model) first so the saved fingerprint describes the unmodified base")
+    if bias not in ("none", "all", "lora_only"):
+        raise ValueError(f"bias={bias!r}; choose 'none', 'all' or 'lora_only'")
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    tensors = _adapter_tensors(layers, adapter_name)
+    tensors.update(_extra_tensors(model, layers, modules_to_save, bias))
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    config = _config_to_peft(model, layers, adapter_name, modules_to_save, bias, base_model_name_or_path, task_type)
+    fingerprint = {p: base_fingerprint(l) for p, l in layers.items()}
+    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(fingerprint, separators=(",", ":"))}
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic_write(directory / CONFIG_NAME,
+                  lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return directory
+
+
+def _adapter_tensors(layers: dict[str, LoRALinear], adapter_name: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for path, layer in layers.items():
+        a = layer.adapters[adapter_name]
+        names = (("lora_embedding_A", "lora_embedding_B") if isinstance(layer, LoRAEmbedding)
+                 else ("lora_A.weight", "lora_B.weight"))
+        for name, t in zip(names, (a.lora_A, a.lora_B)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"adapter {adapter_name!r} at {path}: {name} holds NaN/Inf; refusing to save it")
+            out[f"{PREFIX}{path}.{name}"] = t.detach().to("cpu").contiguous()
+    return out
+
+
+def _extra_tensors(model: nn.Module, layers, modules_to_save, bias: str) -> dict[str, torch.Tensor]:
+    """Full tensors saved next to the factors, under PEFT's keys (clones: safetensors refuses shared memory)."""
+    out = {}
+    for m in modules_to_save or ():
+        found = [(p, mod) for p, mod in model.named_modules() if p == m or p.endswith("." + m)]
+        if not found:
+            raise ValueError(f"modules_to_save entry {m!r} matches no module in the model")
+        for path, module in found:
+            out.update({f"{PREFIX}{path}.{k}": v.detach().to("cpu").clone()
+                        for k, v in module.state_dict().items()})
+    if bias != "none":
+        for name, param in model.named_parameters():
+            owner = name.rpartition(".")[0]
+            if name.endswith(".bias") and ".adapters." not in name and (
+                    bias == "all" or owner.removesuffix(".base_layer") in layers):
+                out[PREFIX + name] = param.detach().to("cpu").clone()
+    return out
+
+
+def _atomic_write(target: Path, write) -> None:
+    """write(tmp_path) then os.replace onto target; the temp file never survives a failure."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---- load -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoadReport:
+    """What load_adapter did.  fingerprint: "matched", "absent" (the file has none, e.g. written by PEFT)
+    or "skipped" (check_fingerprint=False)."""
+    adapter_name: str
+    path: str
+    modules: int              # LoRA layers that received A and B
+    tensors: int              # tensors read from the file
+    extra_tensors: int        # modules_to_save / bias / embedding tensors written into the model
+    fingerprint: str
+    config: LoraConfig
+
+    def to_dict(self) -> dict:
+        return {"adapter_name": self.adapter_name, "path": self.path, "modules": self.modules,
+                "tensors": self.tensors, "extra_tensors": self.extra_tensors, "fingerprint": self.fingerprint}
+
+
+@dataclass
+class _Plan:
+    """Everything load_adapter will write, checked before the model is touched."""
+    factors: dict          # module path -> (A (r, in), B (out, r))
+    extras: list           # [(key, model tensor, value)]
+    missing: list
+    unexpected: list
+    misshaped: list
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
+                 strict: bool = True, check_fingerprint: bool = True, allow_pickle: bool = False,
+                 trainable: bool = False) -> LoadReport:
+    """Load an adapter saved by save_adapter or by PEFT's save_pretrained into `model` as `adapter_name`.
+
+    The new adapter becomes active alongside the others (as with add_lora); set_adapter(model, name) to use
+    it alone.  strict=False turns missing/unexpected tensors into warnings (shape and value errors always
+    raise).  trainable=False leaves its parameters frozen.  On any error the model is left as it was."""
+    others = _check_new_name(model, adapter_name)
+    directory = Path(directory)
+    config, notes = _read_config(directory)
+    targets = find_targets(model, config)
+    modules = dict(model.named_modules())
+    device = next(modules[targets[0]].parameters(), torch.empty(0)).device  # read straight onto the model's device
+    source, tensors, metadata = _read_weights(directory, allow_pickle, device)
+    plan = _plan(model, modules, config, targets, tensors)
+    problems = _describe(plan, strict)
+    if problems:
+        raise ValueError(f"cannot load {source} (the model was not changed):\n{problems}\nFix: load it onto the "
+                         f"base model it was trained for" + ("" if plan.misshaped or not strict else
+                                                              ", or pass strict=False to skip these keys"))
+    for note in notes + ([f"skipping: {x}" for x in plan.missing + plan.unexpected] if not strict else []):
+        warnings.warn(note, stacklevel=2)
+    fingerprint = _check_fingerprint(modules, targets, metadata, check_fingerprint, source)
+    _apply(model, modules, config, adapter_name, targets, plan, trainable)
+    if plan.extras and others:
+        warnings.warn(f"adapter {adapter_name!r} wrote {len(plan.extras)} full tensors (modules_to_save / biases / "
+                      f"embeddings) into the model; unlike its A and B they are shared, so adapters {others} "
+                      f"now run with them too", stacklevel=2)
+    return LoadReport(adapter_name, str(source), len(plan.factors), len(tensors), len(plan.extras),
+                      fingerprint, config)
+
+
+def _check_new_name(model: nn.Module, adapter_name: str) -> list[str]:
+    """The adapters already in the model; raises if `adapter_name` is taken or malformed."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    existing = list_adapters(model)
+    if adapter_name in existing:
+        raise ValueError(f"adapter {adapter_name!r} already exists; pass another adapter_name or "
+                         f"delete_adapter(model, {adapter_name!r}) first")
+    return existing
+
+
+def _read_config(directory: Path) -> tuple[LoraConfig, list[str]]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such adapter directory")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return config_from_peft(raw, str(path))
+
+
+def _read_weights(directory: Path, allow_pickle: bool, device) -> tuple[Path, dict, dict]:
+    """(file, {key: tensor}, safetensors metadata).  Never unpickles unless allow_pickle (then weights_only)."""
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        from safetensors import safe_open
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                return path, {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+        except Exception as e:  # SafetensorError, OSError: a truncated or corrupt file
+            raise ValueError(f"{path}: cannot be read as safetensors ({e}); the file is truncated or "
+                             f"corrupt, save or download it again") from None
+    pickles = [directory / n for n in PICKLE_NAMES if (directory / n).is_file()]
+    if not pickles:
+        listing = sorted(p.name for p in directory.iterdir())
+        raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}; the directory holds {listing}")
+    path = pickles[0]
+    if not allow_pickle:
+        raise ValueError(f"{path}: refusing to read a pickle file, since unpickling can run arbitrary code "
+                         f"stored in it. Convert it to {WEIGHTS_NAME} with a tool you trust, or pass "
+                         f"allow_pickle=True to read it with torch.load(weights_only=True) (tensors only).")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused or failed ({e})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise ValueError(f"{path}: expected a dict of name -> tensor, got {type(state).__name__}")
+    return path, state, {}
+
+
+def _module_dims(module: nn.Module) -> tuple[int, int]:
+    if isinstance(module, LoRALinear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if is_conv1d(module):
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features
+
+
+def _plan(model: nn.Module, modules: dict, config: LoraConfig, targets: list[str], tensors: dict) -> _Plan:
+    plan = _Plan({}, [], [], [], [])
+    found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # path -> {"A"/"B": (key, tensor)}
+    floats = {k: v for k, v in tensors.items() if v.dtype in _FLOAT_DTYPES}
+    plan.misshaped += [f"{k}: dtype {v.dtype}; adapter tensors must be float16/bfloat16/float32/float64"
+                       for k, v in tensors.items() if k not in floats]
+    plan.misshaped += [f"{k}: holds NaN/Inf (the adapter diverged or the file is corrupt)"
+                       for k in _non_finite(floats)]
+    for key, value in tensors.items():
+        match = _FACTOR.match(key.removeprefix(PREFIX))
+        if match is None:
+            _plan_extra(plan, model, modules, config, targets, key, value)
+            continue
+        path, name = match["module"], match["name"]
+        if path not in targets:
+            why = "not targeted by adapter_config.json" if path in modules else "no such module in the model"
+            plan.unexpected.append(f"{key}: {why}")
+            continue
+        want = ("lora_embedding_A", "lora_embedding_B") if _is_embedding(modules[path]) else \
+            ("lora_A.weight", "lora_B.weight")
+        if name not in want:
+            plan.misshaped.append(f"{key}: {type(modules[path]).__name__} at {path} takes {want[0]} / {want[1]}")
+            continue
+        found.setdefault(path, {})["A" if name == want[0] else "B"] = (key, value)
+    for path in targets:
+        got = found.get(path, {})
+        if len(got) < 2:
+            lacking = [n for n, k in zip(("lora_A", "lora_B"), "AB") if k not in got]
+            plan.missing.append(f"{path}: no {' / '.join(lacking)} in the file")
+            continue
+        in_f, out_f = _module_dims(modules[path])
+        r, _ = config.rank_and_alpha(path)
+        for k, want in (("A", (r, in_f)), ("B", (out_f, r))):
+            key, value = got[k]
+            if tuple(value.shape) != want:
+                plan.misshaped.append(f"{key}: file {tuple(value.shape)}, expected {want} (r={r} from the "
+                                      f"config, in={in_f}, out={out_f} from the model)")
+        plan.factors[path] = (got["A"][1], got["B"][1])
+    return plan
+
+
+def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Keys of the tensors holding NaN/Inf.  One fused norm per tensor first (finite unless a NaN/Inf is
+    present or huge values overflow it); the elementwise check runs only if some norm is not finite."""
+    keys = [k for k, v in tensors.items() if v.numel()]
+    if not keys:
+        return []
+    norms = torch._foreach_norm([tensors[k] for k in keys])
+    if torch.isfinite(torch.stack([n.float() for n in norms])).all():
+        return []
+    return [k for k in keys if not torch.isfinite(tensors[k]).all()]
+
+
+def _is_embedding(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Embedding, LoRAEmbedding))
+
+
+def _plan_extra(plan: _Plan, model, modules: dict, config: LoraConfig, targets, key: str, value) -> None:
+    """A full tensor PEFT saves next to the factors: modules_to_save weights, trained biases (bias != "none"),
+    or the weight of a targeted / resized embedding (PEFT's save_embedding_layers)."""
+    rel = key.removeprefix(PREFIX)
+    owner, _, leaf = rel.rpartition(".")
+    wrapped = owner.removesuffix(".base_layer")
+    saved = config.modules_to_save or ()
+    embeddings = {id(m) for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings"))
+                  if m is not None}
+    allowed = (any(re.match(rf"(^|.*\.){m}($|\..*)", owner) for m in saved)
+               or (leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and wrapped in targets)))
+               or (leaf == "weight" and wrapped in targets and _is_embedding(modules[wrapped]))
+               or (leaf == "weight" and id(modules.get(owner)) in embeddings))
+    module = modules.get(owner)
+    if module is None and owner != wrapped:  # "x.base_layer.bias" in the file, x not wrapped yet
+        module = modules.get(wrapped)
+    tensor = getattr(module, leaf, None) if module is not None else None
+    if isinstance(module, LoRALinear) and leaf in ("weight", "bias"):
+        tensor = getattr(module.base_layer, leaf, None)
+    if not allowed or not isinstance(tensor, torch.Tensor):
+        why = "no such tensor in the model" if not isinstance(tensor, torch.Tensor) else \
+            "neither a LoRA factor nor part of modules_to_save / bias in adapter_config.json"
+        plan.unexpected.append(f"{key}: {why}")
+    elif tensor.shape != value.shape:
+        plan.misshaped.append(f"{key}: file {tuple(value.shape)}, model {tuple(tensor.shape)}")
+    else:
+        plan.extras.append((key, tensor, value))
+
+
+def _call(model, name):
+    fn = getattr(model, name, None)
+    try:
+        return fn() if callable(fn) else None
+    except NotImplementedError:
+        return None
+
+
+def _describe(plan: _Plan, strict: bool, limit: int = 12) -> str:
+    groups = [("mis-shaped or invalid", plan.misshaped)]
+    if strict:
+        groups += [("missing (targeted by the config, absent from the file)", plan.missing),
+                   ("unexpected (in the file, not loadable into this model)", plan.unexpected)]
+    lines = []
+    for title, items in groups:
+        if items:
+            lines.append(f"  {title}: {len(items)}")
+            lines += [f"    {x}" for x in items[:limit]] + ([f"    ... and {len(items) - limit} more"]
+                                                          if len(items) > limit else [])
+    return "\n".join(lines)
+
+
+def _check_fingerprint(modules: dict, targets: list[str], metadata: dict, check: bool, source) -> str:
+    text = metadata.get(FINGERPRINT_KEY)
+    if text is None:
+        return "absent"
+    if not check:
+        return "skipped"
+    try:
+        saved = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: metadata {FINGERPRINT_KEY!r} is not valid JSON ({e})") from None
+    checked = [p for p in targets if p in saved]
+    diffs = [(p, why) for p in checked
+             if (why := _fingerprint_differs(saved[p], base_fingerprint(modules[p])))]
+    if diffs:
+        raise ValueError(f"{source}: the base model differs from the one the adapter was saved against in "
+                         f"{len(diffs)} of {len(checked)} adapted modules (e.g. {diffs[0][0]}: {diffs[0][1]}). "
+                         f"Load the base model it was trained on (with no adapter merged into it), or pass "
+                         f"check_fingerprint=False if you know the bases are compatible.")
+    return "matched"
+
+
+def _apply(model: nn.Module, modules: dict, config: LoraConfig, name: str, targets: list[str], plan: _Plan,
+           trainable: bool) -> None:
+    """Inject and fill the adapter; on any exception undo everything and re-raise."""
+    pissa = config.init_lora_weights == "pissa"  # PEFT replays PiSSA on load: W0 becomes its SVD residual
+    base_backup = [(w, w.detach().clone()) for w in (_base_weight(modules[p]) for p in targets)] if pissa else []
+    done, extra_backup = [], []
+    try:
+        for path in targets:
+            module = modules[path]
+            layer = module
+            if not isinstance(module, LoRALinear):
+                layer = LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module)
+                _set_module(model, path, layer)
+            done.append((path, module, layer))
+            _add_loaded(layer, name, config, path, plan.factors.get(path), trainable)
+        with torch.no_grad():
+            for _, tensor, value in plan.extras:
+                extra_backup.append((tensor, tensor.detach().clone()))
+                tensor.copy_(value)
+    except BaseException:
+        for path, module, layer in reversed(done):
+            if name in layer.adapters:
+                del layer.adapters[name]
+            layer.active = tuple(n for n in layer.active if n != name)
+            if layer is not module:
+                _set_module(model, path, module)
+        with torch.no_grad():
+            for tensor, old in reversed(extra_backup + base_backup):
+                with contextlib.suppress(Exception):  # restore all the others even if one write fails again
+                    tensor.copy_(old)
+        raise
+    if trainable:
+        for _, tensor, _ in plan.extras:
+            if isinstance(tensor, nn.Parameter):
+                tensor.requires_grad_(True)
+
+
+def _add_loaded(layer: LoRALinear, name: str, config: LoraConfig, path: str, factors, trainable: bool) -> None:
+    """Adapter `name` on `layer` holding the loaded factors (used as they are when the dtype already fits)."""
+    r, alpha = config.rank_and_alpha(path)
+    dropout = 0.0 if isinstance(layer, LoRAEmbedding) else config.lora_dropout
+    if factors is None or config.init_lora_weights == "pissa":  # init (PiSSA rewrites W0), then overwrite
+        adapter = layer.add_adapter(name, r, alpha, lora_dropout=dropout, use_rslora=config.use_rslora,
+                                    init_lora_weights=config.init_lora_weights)
+        if factors is not None:
+            with torch.no_grad():
+                adapter.lora_A.copy_(factors[0])
+                adapter.lora_B.copy_(factors[1])
+        adapter.requires_grad_(trainable)
+        return
+    base_dtype = _base_weight(layer).dtype  # adapters stay float32 under a half-precision base (as add_adapter)
+    dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+    A, B = (t.to(dtype) for t in factors)
+    layer.adapters[name] = LoRAAdapter.from_factors(A, B, alpha, lora_dropout=dropout,
+                                                    use_rslora=config.use_rslora, requires_grad=trainable)
+    layer.active = layer.active + (name,)
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

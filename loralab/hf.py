@@ -1,0 +1,128 @@
+"""Local transformers model directories: load one offline, merge an adapter into it, save the result.
+
+Used by `loralab merge`.  Nothing is downloaded (HF_HUB_OFFLINE=1, local_files_only=True); the model class
+comes from config.json's `architectures`.  The merged directory is written next to its destination under a
+temporary name and renamed into place, so an interrupted merge never leaves a partial model at OUT_DIR.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from torch import nn
+
+from .files import load_adapter
+from .inject import lora_layers
+from .merge import merge_and_unload
+
+__all__ = ["load_local_model", "merge_model_dir"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
+_WRITTEN_BY_SAVE = ("config.json", "generation_config.json")
+
+
+def load_local_model(model_dir: str | os.PathLike) -> nn.Module:
+    """The model in `model_dir` (config.json + weights), class from config.architectures, in its saved dtype."""
+    import transformers
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json; pass a directory written by save_pretrained")
+    config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    archs = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
+    if cls is None:
+        raise ValueError(f"{model_dir}/config.json names architecture {archs[0]!r}, which this transformers "
+                         f"{transformers.__version__} does not provide; upgrade transformers")
+    return cls.from_pretrained(model_dir, local_files_only=True, dtype="auto").eval()
+
+
+def _probe_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    for name in ("logits", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name).float()
+    return out[0].float()
+
+
+def merge_model_dir(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                    *, overwrite: bool = False, check_fingerprint: bool = True, probe_tokens: int = 16,
+                    seed: int = 0, say=None) -> dict:
+    """Load `model_dir`, load the adapter, merge it into the base weights, save to `out_dir`.
+
+    Also runs a probe batch (2 × probe_tokens random token ids) through the model before and after merging
+    and reports the largest absolute output difference.  Tokenizer and other non-weight files of
+    `model_dir` are copied along.  Returns a JSON-ready dict."""
+    say = say or (lambda *a: None)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise ValueError(f"{out} already exists and is not empty; choose another output directory or "
+                         f"pass overwrite=True (--overwrite)")
+    say(f"loading {model_dir}")
+    model = load_local_model(model_dir)
+    vocab = model.get_input_embeddings().num_embeddings
+    report = load_adapter(model, adapter_dir, check_fingerprint=check_fingerprint)
+    say(f"loaded adapter {adapter_dir}: {report.modules} modules, fingerprint {report.fingerprint}")
+    ids = torch.randint(0, vocab, (2, probe_tokens), generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(next(model.parameters()).device)
+    before = _probe_output(model, ids)
+    untied = _untie_adapted_weights(model)
+    if untied:
+        say(f"untied {', '.join(untied)} from the adapted weights they shared, so merging changes only the "
+            f"adapted layers")
+    merge_and_unload(model)
+    diff = (before - _probe_output(model, ids)).abs().max().item()
+    say(f"max |unmerged - merged| output difference on the probe batch: {diff:.3e} "
+        f"(output scale {before.abs().max().item():.3e})")
+    _save_atomic(model, Path(model_dir), out)
+    say(f"wrote {out}")
+    return {"out": str(out), "model_class": type(model).__name__, "adapter_modules": report.modules,
+            "fingerprint": report.fingerprint, "untied": untied, "dtype": str(next(model.parameters()).dtype),
+            "probe_shape": list(ids.shape), "max_abs_diff": diff}
+
+
+def _untie_adapted_weights(model: nn.Module) -> list[str]:
+    """Give every other holder of an adapted base weight its own copy; returns their paths.
+
+    GPT-2 and many small models tie lm_head.weight to the input embedding: merging an embedding adapter
+    into the shared tensor would silently change the output head too."""
+    owners = {id(layer.base_layer): layer.base_layer for layer in lora_layers(model).values()}
+    adapted = {id(p) for m in owners.values() for p in m.parameters(recurse=False)}
+    untied = []
+    for path, module in model.named_modules():
+        if id(module) in owners:
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) in adapted:
+                setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                untied.append(f"{path}.{name}")
+    if untied:
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False  # or save_pretrained would drop the copy and re-tie on load
+    return untied
+
+
+def _save_atomic(model: nn.Module, model_dir: Path, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        for f in model_dir.iterdir():  # tokenizer, chat template, ...: everything that is not weights
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WRITTEN_BY_SAVE:
+                shutil.copy2(f, tmp / f.name)
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
