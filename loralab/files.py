@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LoraConfig
+from .config import LoraConfig, config_from_peft
 from .inject import find_targets, list_adapters, lora_layers
 from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, is_conv1d
 
@@ -51,57 +51,8 @@ SAMPLES = 16
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<name>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
-# adapter_config.json fields, by what loralab does with them.
-_HONOURED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-             "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias", "modules_to_save",
-             "init_lora_weights", "fan_in_fan_out"}
-_NO_MATH = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-            "peft_version", "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-            "lora_ga_config", "runtime_config", "ensure_weight_tying", "velora_config"}
-_UNSUPPORTED = {  # field: why it changes the math (it is refused unless it has PEFT's default value)
-    "use_dora": "DoRA rescales each output column by a learned magnitude vector",
-    "lora_bias": "lora_bias adds a trained bias to lora_B",
-    "layer_replication": "layer_replication duplicates decoder layers",
-    "target_parameters": "target_parameters adapts raw nn.Parameters (MoE experts), not modules",
-    "trainable_token_indices": "trainable_token_indices trains single rows of the embedding",
-    "alora_invocation_tokens": "aLoRA applies the adapter only after its invocation tokens",
-    "use_qalora": "QALoRA pools the input in groups before lora_A",
-    "use_bdlora": "BD-LoRA uses block-diagonal factors",
-    "arrow_config": "Arrow routes each token between several adapters",
-    "megatron_config": "Megatron parallel layers are not supported",
-    "kasa_config": "KaSA inserts a learned diagonal between lora_A and lora_B and truncates W0",
-    "monteclora_config": "MonteCLoRA samples the adapter",
-}
-# Inits that only set A and B (which the file overwrites) vs inits that also rewrite W0 at load time.
-_AB_ONLY_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
-
-# ---- config <-> adapter_config.json ---------------------------------------------------------------------
-def config_from_peft(raw: dict, source: str = CONFIG_NAME) -> tuple[LoraConfig, list[str]]:
-    """LoraConfig from PEFT's adapter_config.json contents, plus warnings for fields ignored as harmless.
-    Raises ValueError naming the field when a field would change the math in a way loralab cannot reproduce."""
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{source}: peft_type={raw.get('peft_type')!r}; loralab loads LoRA adapters only")
-    for name, why in _UNSUPPORTED.items():
-        if raw.get(name) not in (None, False, [], {}):
-            raise ValueError(f"{source}: {name}={raw[name]!r} is not supported ({why}); loading it as plain "
-                             f"LoRA would give different outputs. Use PEFT for this adapter.")
-    init = raw.get("init_lora_weights", True)
-    if init not in _AB_ONLY_INITS and init != "pissa":
-        raise ValueError(f"{source}: init_lora_weights={init!r} rewrites the base weights when PEFT loads the "
-                         f"adapter, which loralab cannot reproduce exactly. Convert it to plain LoRA with PEFT "
-                         f"(save_pretrained(..., path_initial_model_for_weight_conversion=...)), or set it to "
-                         f"true if the base you load onto already is the converted residual model.")
-    unknown = sorted(set(raw) - _HONOURED - _NO_MATH - set(_UNSUPPORTED))
-    notes = [f"{source}: field {k!r} is unknown to loralab and ignored" for k in unknown]
-    kwargs = {k: raw[k] for k in _HONOURED if raw.get(k) is not None}
-    kwargs["init_lora_weights"] = "pissa" if init == "pissa" else True  # A, B come from the file anyway
-    try:
-        return LoraConfig(**kwargs), notes
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source}: {e}") from None
-
-
+# ---- adapter_config.json ---------------------------------------------------------------------------------
 def _config_to_peft(model: nn.Module, layers: dict[str, LoRALinear], adapter_name: str,
                     modules_to_save, bias: str, base_model_name_or_path, task_type) -> dict:
     """adapter_config.json for one adapter: per-module rank/alpha differences go to rank_pattern/alpha_pattern
