@@ -1,4 +1,5 @@
-# Two entry points, each sets itself up:  `make demo` (the main job)  and  `make test` (the whole suite).
+# Two entry points, each sets itself up:  `make demo` (the main job: `loralab train` on its bundled default)
+# and `make test` (the whole suite).
 # A fresh machine gets a .venv; torch==2.13.0 (a CPU wheel) is installed only when no torch is present,
 # so a CUDA torch you already have (e.g. `make VENV=/path/to/your/env`) is kept.
 PYTHON ?= python3
@@ -9,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test bench install install-test clean
+.PHONY: demo tour test bench install install-test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +31,9 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
+	$(VENV)/bin/loralab train
+
+tour: $(VENV)/.installed
 	$(VENV)/bin/loralab demo
 
 test: $(VENV)/.installed-test

@@ -10,6 +10,8 @@ from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, delta_weight
 from .merge import merge, merge_and_unload, unmerge
 from .files import LoadReport, load_adapter, save_adapter
 from .combine import CombineReport, combine_adapters
+from .dataset import TokenizedData, read_records, tokenize
+from .train import History, TrainConfig, evaluate, train
 
 __version__ = "0.1.0"
 
@@ -18,4 +20,5 @@ __all__ = [
     "unmerge", "merge_and_unload", "disable_lora", "set_adapter", "delete_adapter", "list_adapters",
     "find_targets", "delta_weight",
     "save_adapter", "load_adapter", "LoadReport", "combine_adapters", "CombineReport",
+    "train", "TrainConfig", "History", "evaluate", "read_records", "tokenize", "TokenizedData",
 ]

@@ -37,8 +37,9 @@ def _mse(model, x, y) -> float:
     return nn.functional.mse_loss(model(x), y).item()
 
 
-def run_demo(seed: int = 0, width: int = 256, steps: int = 300, r: int = 4, say=print) -> dict:
+def run_demo(seed: int = 0, width: int = 128, steps: int = 300, r: int = 4, say=print) -> dict:
     """Run the tour; returns its figures (losses, parameter counts, merge error)."""
+    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0", "2"])  # checked before any work is done
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = torch.randn(2048, 16, generator=g)
@@ -55,7 +56,6 @@ def run_demo(seed: int = 0, width: int = 256, steps: int = 300, r: int = 4, say=
     before = _mse(model, x, y_new)
     say(f"base on the shifted task: mse {before:.4f}")
 
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["0", "2"])
     add_lora(model, config)
     report = trainable_report(model)
     say(str(report))
