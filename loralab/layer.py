@@ -154,11 +154,14 @@ class LoRALinear(nn.Module):
         out = self.base_layer(x)
         if self.disabled:
             return out
+        # Without autograd the base output is ours alone (unless a hook on the base saw it), so the adapter
+        # is accumulated into it in place instead of into a new (..., out) buffer.
+        inplace = not torch.is_grad_enabled() and not self.base_layer._forward_hooks
         for name in self.active:
             adapter = self.adapters[name]
             if adapter.merged:
                 continue
-            out = _add_lora(out, x, adapter, self.training)
+            out = _add_lora(out, x, adapter, self.training, inplace)
         return out
 
     # ---- the base weight, always seen as (out, in) -----------------------------------------------------
@@ -210,7 +213,8 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, active={list(self.active)}, disabled={self.disabled}"
 
 
-def _add_lora(out: torch.Tensor, x: torch.Tensor, adapter: LoRAAdapter, training: bool) -> torch.Tensor:
+def _add_lora(out: torch.Tensor, x: torch.Tensor, adapter: LoRAAdapter, training: bool,
+              inplace: bool = False) -> torch.Tensor:
     """out + scaling · (dropout(x) @ A.T) @ B.T, with the scale applied on the narrow (…, r) tensor and the
     final add fused into the matmul (addmm) — this is the per-token cost of an unmerged adapter."""
     A, B = adapter.lora_A, adapter.lora_B
@@ -223,7 +227,10 @@ def _add_lora(out: torch.Tensor, x: torch.Tensor, adapter: LoRAAdapter, training
         scale = scale / kept
     h = F.linear(x, A) * scale                                             # (..., r)
     if out.dtype == h.dtype and out.dim() >= 2 and out.is_contiguous():
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), B.T).view(out.shape)
+        out2d, h2d = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
+        if inplace:
+            return out2d.addmm_(h2d, B.T).view(out.shape)
+        return torch.addmm(out2d, h2d, B.T).view(out.shape)
     return out + F.linear(h, B).to(out.dtype)
 
 

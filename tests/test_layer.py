@@ -223,3 +223,18 @@ class _nullcontext:
 
     def __exit__(self, *a):
         return False
+
+
+def test_no_grad_forward_equals_grad_forward_and_leaves_hooked_outputs_alone():
+    layer = _layer()
+    _randomize_B(layer)
+    x = torch.randn(3, 4, 12)
+    with_grad = layer(x).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), with_grad, rtol=0, atol=0)
+    seen = []
+    layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        out = layer(x)
+    torch.testing.assert_close(seen[0], layer.base_layer(x))  # what the hook kept is the base output
+    torch.testing.assert_close(out, with_grad, rtol=0, atol=0)
