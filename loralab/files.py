@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from .config import LoraConfig, config_from_peft
-from .inject import find_targets, list_adapters, lora_layers
-from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, is_conv1d
+from .inject import find_targets, list_adapters, lora_layers, set_module
+from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, is_conv1d, module_dims
 
 __all__ = ["save_adapter", "load_adapter", "LoadReport", "config_from_peft", "base_fingerprint",
            "WEIGHTS_NAME", "CONFIG_NAME"]
@@ -351,16 +351,6 @@ def _read_weights(directory: Path, allow_pickle: bool, device) -> tuple[Path, di
     return path, state, {}
 
 
-def _module_dims(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, LoRALinear):
-        return module.in_features, module.out_features
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    if is_conv1d(module):
-        return tuple(module.weight.shape)
-    return module.in_features, module.out_features
-
-
 def _plan(model: nn.Module, modules: dict, config: LoraConfig, targets: list[str], tensors: dict) -> _Plan:
     plan = _Plan({}, [], [], [], [])
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # path -> {"A"/"B": (key, tensor)}
@@ -391,7 +381,7 @@ def _plan(model: nn.Module, modules: dict, config: LoraConfig, targets: list[str
             lacking = [n for n, k in zip(("lora_A", "lora_B"), "AB") if k not in got]
             plan.missing.append(f"{path}: no {' / '.join(lacking)} in the file")
             continue
-        in_f, out_f = _module_dims(modules[path])
+        in_f, out_f = module_dims(modules[path])
         r, _ = config.rank_and_alpha(path)
         for k, want in (("A", (r, in_f)), ("B", (out_f, r))):
             key, value = got[k]
@@ -502,7 +492,7 @@ def _apply(model: nn.Module, modules: dict, config: LoraConfig, name: str, targe
             layer = module
             if not isinstance(module, LoRALinear):
                 layer = LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module)
-                _set_module(model, path, layer)
+                set_module(model, path, layer)
             done.append((path, module, layer))
             _add_loaded(layer, name, config, path, plan.factors.get(path), trainable)
         with torch.no_grad():
@@ -515,7 +505,7 @@ def _apply(model: nn.Module, modules: dict, config: LoraConfig, name: str, targe
                 del layer.adapters[name]
             layer.active = tuple(n for n in layer.active if n != name)
             if layer is not module:
-                _set_module(model, path, module)
+                set_module(model, path, module)
         with torch.no_grad():
             for tensor, old in reversed(extra_backup + base_backup):
                 with contextlib.suppress(Exception):  # restore all the others even if one write fails again
@@ -547,7 +537,3 @@ def _add_loaded(layer: LoRALinear, name: str, config: LoraConfig, path: str, fac
                                                     use_rslora=config.use_rslora, requires_grad=trainable)
     layer.active = layer.active + (name,)
 
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import LoraConfig
-from .layer import LoRAEmbedding, LoRALinear, is_conv1d, warn_if_rank_too_large
+from .layer import LoRAEmbedding, LoRALinear, is_conv1d, module_dims, warn_if_rank_too_large
 
 __all__ = ["add_lora", "find_targets", "lora_layers", "trainable_report", "TrainableReport", "disable_lora",
            "set_adapter", "delete_adapter", "list_adapters", "mark_only_lora_trainable"]
@@ -126,8 +126,7 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     plan = []
     for path in targets:  # plan everything first: nothing changes if any check fails
         module = model.get_submodule(path)
-        layer = module if isinstance(module, LoRALinear) else None
-        in_f, out_f = (layer.in_features, layer.out_features) if layer else _dims_of(module)
+        in_f, out_f = module_dims(module)
         r, alpha = config.rank_and_alpha(path)
         warn_if_rank_too_large(path, r, in_f, out_f)
         plan.append((path, module, r, alpha))
@@ -139,19 +138,16 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
     return model
 
 
-def _dims_of(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, nn.Embedding):
-        return module.num_embeddings, module.embedding_dim
-    if is_conv1d(module):
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
-
-
 def _wrap(model: nn.Module, path: str, module: nn.Module) -> LoRALinear:
     layer = LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module)
-    parent_path, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent_path) if parent_path else model, child, layer)
+    set_module(model, path, layer)
     return layer
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put `module` at dotted `path` inside `model` (replacing what was there)."""
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def mark_only_lora_trainable(model: nn.Module, config: LoraConfig | None = None) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRAAdapter", "LoRALinear", "LoRAEmbedding", "delta_weight", "lora_scaling", "is_conv1d"]
+__all__ = ["LoRAAdapter", "LoRALinear", "LoRAEmbedding", "delta_weight", "lora_scaling", "is_conv1d", "module_dims"]
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -97,7 +97,7 @@ class LoRALinear(nn.Module):
         self.active: tuple[str, ...] = ()
         self.disabled = False
         self.fan_in_fan_out = is_conv1d(base_layer) or isinstance(base_layer, nn.Embedding)
-        self.in_features, self.out_features = _base_dims(base_layer)
+        self.in_features, self.out_features = module_dims(base_layer)
 
     # ---- adapters --------------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, lora_alpha: float, *, lora_dropout: float = 0.0,
@@ -276,8 +276,8 @@ class LoRAEmbedding(LoRALinear):
         return out
 
 
-def _base_dims(base: nn.Module) -> tuple[int, int]:
-    """(in_features, out_features) of a supported base layer."""
+def module_dims(base: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a supported base layer (or of a LoRA layer: its base's)."""
     if isinstance(base, nn.Embedding):
         return base.num_embeddings, base.embedding_dim
     if is_conv1d(base):

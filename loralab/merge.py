@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from .inject import lora_layers
+from .inject import lora_layers, set_module
 
 __all__ = ["merge", "unmerge", "merge_and_unload"]
 
@@ -69,9 +69,7 @@ def merge_and_unload(model: nn.Module, adapter_names: str | list[str] | None = N
     for path, layer in layers.items():
         layer.merge(plan[path])  # skips adapters already merged
     for path, layer in layers.items():
-        parent_path, _, child = path.rpartition(".")
-        parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, child, layer.base_layer)
+        set_module(model, path, layer.base_layer)
     return model
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_bert, tiny_gpt2, tiny_llama
-from loralab import (LoraConfig, LoRAEmbedding, LoRALinear, add_lora, delete_adapter, disable_lora, find_targets,
+from loralab import (LoraConfig, LoRAEmbedding, add_lora, delete_adapter, disable_lora, find_targets,
                      list_adapters, set_adapter, trainable_report)
 from loralab.inject import lora_layers
 
