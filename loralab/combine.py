@@ -108,13 +108,13 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float] | 
             dtype = first.lora_A.dtype
             new = LoRAAdapter.from_factors(A.to(dtype), B.to(dtype), A.shape[0], lora_dropout=first.lora_dropout,
                                            requires_grad=first.lora_A.requires_grad)
-            layer.adapters[new_name] = new  # not in layer.active: the model computes what it did before
+            layer.attach(new_name, new, active=False)  # the model computes what it did before
             err, norm = _error(new.lora_A.detach(), new.lora_B.detach(), factors)
             ranks[path], errors[path] = A.shape[0], (err / norm if norm > 0 else float(err > 0))
             err2, norm2 = err2 + err ** 2, norm2 + norm ** 2
     except BaseException:  # leave no half-built adapter behind
         for _, layer, _, _ in plan:
-            layer.adapters.pop(new_name, None)
+            layer.remove_adapter(new_name)
         raise
     overall = math.sqrt(err2 / norm2) if norm2 > 0 else float(err2 > 0)
     return CombineReport(new_name, method, ranks, errors, overall)

@@ -35,9 +35,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import LoraConfig, config_from_peft
-from .inject import find_targets, list_adapters, lora_layers, set_module
-from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, is_conv1d, module_dims
+from .config import BIAS_CHOICES, LoraConfig, config_from_peft
+from .inject import check_new_adapter_name, find_targets, list_adapters, lora_layers, set_module, wrap_module
+from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, adapter_dtype, is_conv1d, module_dims
 
 __all__ = ["save_adapter", "load_adapter", "LoadReport", "config_from_peft", "base_fingerprint",
            "WEIGHTS_NAME", "CONFIG_NAME"]
@@ -47,6 +47,8 @@ CONFIG_NAME = "adapter_config.json"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt")
 PREFIX = "base_model.model."
 FINGERPRINT_KEY = "loralab.fingerprint"
+SCALING_KEY = "loralab.scaling"  # the config fields that set each module's r and α, as saved with the weights
+_SCALING_FIELDS = ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern")
 SAMPLES = 16
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<name>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -168,7 +170,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if merged:
         raise RuntimeError(f"{len(merged)} of the adapted base layers hold a merged adapter (e.g. {merged[0]}); "
                            f"call unmerge(model) first so the saved fingerprint describes the unmodified base")
-    if bias not in ("none", "all", "lora_only"):
+    if bias not in BIAS_CHOICES:
         raise ValueError(f"bias={bias!r}; choose 'none', 'all' or 'lora_only'")
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
@@ -178,7 +180,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     config = _config_to_peft(model, layers, adapter_name, modules_to_save, bias, base_model_name_or_path, task_type)
     fingerprint = {p: base_fingerprint(l) for p, l in layers.items()}
-    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(fingerprint, separators=(",", ":"))}
+    metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(fingerprint, separators=(",", ":")),
+                SCALING_KEY: json.dumps({k: config[k] for k in _SCALING_FIELDS}, sort_keys=True)}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
@@ -270,7 +273,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     The new adapter becomes active alongside the others (as with add_lora); set_adapter(model, name) to use
     it alone.  strict=False turns missing/unexpected tensors into warnings (shape and value errors always
     raise).  trainable=False leaves its parameters frozen.  On any error the model is left as it was."""
-    others = _check_new_name(model, adapter_name)
+    others = check_new_adapter_name(model, adapter_name)
     directory = Path(directory)
     config, notes = _read_config(directory)
     targets = find_targets(model, config)
@@ -283,6 +286,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         raise ValueError(f"cannot load {source} (the model was not changed):\n{problems}\nFix: load it onto the "
                          f"base model it was trained for" + ("" if plan.misshaped or not strict else
                                                               ", or pass strict=False to skip these keys"))
+    _check_same_save(config, metadata, source)  # after the shape report, which names the keys
     for note in notes + ([f"skipping: {x}" for x in plan.missing + plan.unexpected] if not strict else []):
         warnings.warn(note, stacklevel=2)
     fingerprint = _check_fingerprint(modules, targets, metadata, check_fingerprint, source)
@@ -293,17 +297,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
                       f"now run with them too", stacklevel=2)
     return LoadReport(adapter_name, str(source), len(plan.factors), len(tensors), len(plan.extras),
                       fingerprint, config)
-
-
-def _check_new_name(model: nn.Module, adapter_name: str) -> list[str]:
-    """The adapters already in the model; raises if `adapter_name` is taken or malformed."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
-    existing = list_adapters(model)
-    if adapter_name in existing:
-        raise ValueError(f"adapter {adapter_name!r} already exists; pass another adapter_name or "
-                         f"delete_adapter(model, {adapter_name!r}) first")
-    return existing
 
 
 def _read_config(directory: Path) -> tuple[LoraConfig, list[str]]:
@@ -459,6 +452,18 @@ def _describe(plan: _Plan, strict: bool, limit: int = 12) -> str:
     return "\n".join(lines)
 
 
+def _check_same_save(config: LoraConfig, metadata: dict, source) -> None:
+    """The two files are renamed into place one after the other; if a save was cut off between the renames,
+    the weights and the config come from different saves.  Refuse when the fields that set the scaling differ."""
+    saved = json.loads(metadata.get(SCALING_KEY) or "{}")
+    differ = [k for k, v in saved.items() if v != getattr(config, k)]
+    if differ:
+        raise ValueError(f"{source}: {CONFIG_NAME} has {', '.join(f'{k}={getattr(config, k)!r}' for k in differ)} "
+                         f"but the weights were saved with {', '.join(f'{k}={saved[k]!r}' for k in differ)}: the two "
+                         f"files come from different saves (an interrupted save?). Save the adapter again, or put "
+                         f"back the {CONFIG_NAME} written with these weights.")
+
+
 def _check_fingerprint(modules: dict, targets: list[str], metadata: dict, check: bool, source) -> str:
     text = metadata.get(FINGERPRINT_KEY)
     if text is None:
@@ -489,10 +494,7 @@ def _apply(model: nn.Module, modules: dict, config: LoraConfig, name: str, targe
     try:
         for path in targets:
             module = modules[path]
-            layer = module
-            if not isinstance(module, LoRALinear):
-                layer = LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module)
-                set_module(model, path, layer)
+            layer = module if isinstance(module, LoRALinear) else wrap_module(model, path, module)
             done.append((path, module, layer))
             _add_loaded(layer, name, config, path, plan.factors.get(path), trainable)
         with torch.no_grad():
@@ -501,9 +503,7 @@ def _apply(model: nn.Module, modules: dict, config: LoraConfig, name: str, targe
                 tensor.copy_(value)
     except BaseException:
         for path, module, layer in reversed(done):
-            if name in layer.adapters:
-                del layer.adapters[name]
-            layer.active = tuple(n for n in layer.active if n != name)
+            layer.remove_adapter(name)
             if layer is not module:
                 set_module(model, path, module)
         with torch.no_grad():
@@ -530,10 +530,8 @@ def _add_loaded(layer: LoRALinear, name: str, config: LoraConfig, path: str, fac
                 adapter.lora_B.copy_(factors[1])
         adapter.requires_grad_(trainable)
         return
-    base_dtype = _base_weight(layer).dtype  # adapters stay float32 under a half-precision base (as add_adapter)
-    dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
-    A, B = (t.to(dtype) for t in factors)
-    layer.adapters[name] = LoRAAdapter.from_factors(A, B, alpha, lora_dropout=dropout,
-                                                    use_rslora=config.use_rslora, requires_grad=trainable)
-    layer.active = layer.active + (name,)
+    base = _base_weight(layer)  # each layer's adapter lives where its base does (models may span devices)
+    A, B = (t.to(device=base.device, dtype=adapter_dtype(base.dtype)) for t in factors)
+    layer.attach(name, LoRAAdapter.from_factors(A, B, alpha, lora_dropout=dropout, use_rslora=config.use_rslora,
+                                                requires_grad=trainable))
 

@@ -21,7 +21,8 @@ from .config import LoraConfig
 from .layer import LoRAEmbedding, LoRALinear, is_conv1d, module_dims, warn_if_rank_too_large
 
 __all__ = ["add_lora", "find_targets", "lora_layers", "trainable_report", "TrainableReport", "disable_lora",
-           "set_adapter", "delete_adapter", "list_adapters", "mark_only_lora_trainable"]
+           "set_adapter", "delete_adapter", "list_adapters", "mark_only_lora_trainable", "check_new_adapter_name",
+           "wrap_module", "set_module"]
 
 SUPPORTED = "nn.Linear, nn.Embedding, transformers Conv1D (GPT-2), or a quantized linear base"
 _DEFAULT_LAYER_NAMES = ("layers", "h", "layer", "blocks", "block")
@@ -94,7 +95,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if not path:
             continue
         if all_linear:
-            hit = (_is_linear_like(module) or isinstance(module, LoRALinear)) and path not in heads
+            base = module.base_layer if isinstance(module, LoRALinear) else module
+            hit = _is_linear_like(base) and path not in heads
         else:
             hit = _matches(spec, path)
         if not hit or _matches(config.exclude_modules, path) or _matches(saved, path):
@@ -117,28 +119,40 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Inject adapter `adapter_name` into `model` in place (and return it); freeze all but adapters,
     modules_to_save and the biases `config.bias` asks for.  The new adapter becomes active."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
-    if adapter_name in list_adapters(model):
-        raise ValueError(f"adapter {adapter_name!r} already exists; use another adapter_name or "
-                         f"delete_adapter(model, {adapter_name!r}) first")
+    check_new_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
     plan = []
     for path in targets:  # plan everything first: nothing changes if any check fails
         module = model.get_submodule(path)
         in_f, out_f = module_dims(module)
         r, alpha = config.rank_and_alpha(path)
+        if config.init_lora_weights == "pissa" and r > min(in_f, out_f):
+            raise ValueError(f"{path}: PiSSA takes the top r={r} singular directions of W0, which has only "
+                             f"min(in={in_f}, out={out_f}) = {min(in_f, out_f)}; lower r (rank_pattern) or "
+                             f"exclude this module")
         warn_if_rank_too_large(path, r, in_f, out_f)
         plan.append((path, module, r, alpha))
     for path, module, r, alpha in plan:
-        layer = module if isinstance(module, LoRALinear) else _wrap(model, path, module)
+        layer = module if isinstance(module, LoRALinear) else wrap_module(model, path, module)
         layer.add_adapter(adapter_name, r, alpha, lora_dropout=config.lora_dropout,
                           use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
-    mark_only_lora_trainable(model, config)
+    mark_only_lora_trainable(model, config, adapter_name)
     return model
 
 
-def _wrap(model: nn.Module, path: str, module: nn.Module) -> LoRALinear:
+def check_new_adapter_name(model: nn.Module, adapter_name: str) -> list[str]:
+    """The adapters already in the model; raises ValueError if `adapter_name` is taken or malformed."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter_name must be a non-empty string without dots, got {adapter_name!r}")
+    existing = list_adapters(model)
+    if adapter_name in existing:
+        raise ValueError(f"adapter {adapter_name!r} already exists; use another adapter_name or "
+                         f"delete_adapter(model, {adapter_name!r}) first")
+    return existing
+
+
+def wrap_module(model: nn.Module, path: str, module: nn.Module) -> LoRALinear:
+    """Replace the module at `path` by a LoRA layer around it (no adapter yet) and return that layer."""
     layer = LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module)
     set_module(model, path, layer)
     return layer
@@ -150,12 +164,18 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def mark_only_lora_trainable(model: nn.Module, config: LoraConfig | None = None) -> None:
-    """requires_grad only for adapter A/B, modules_to_save, and the biases config.bias names."""
+def mark_only_lora_trainable(model: nn.Module, config: LoraConfig | None = None,
+                             adapter_name: str | None = None) -> None:
+    """requires_grad only for adapter A/B, modules_to_save, and the biases config.bias names.
+    With `adapter_name`, only that adapter is switched on; other adapters keep their own setting (an adapter
+    loaded frozen stays frozen)."""
     bias = config.bias if config else "none"
     saved = (config.modules_to_save or ()) if config else ()
     for name, param in model.named_parameters():
-        param.requires_grad = ".adapters." in f".{name}"
+        if ".adapters." not in f".{name}":
+            param.requires_grad = False
+        elif adapter_name is None or f".adapters.{adapter_name}." in f".{name}":
+            param.requires_grad = True
     layers = lora_layers(model)
     for path, module in model.named_modules():
         if path and _matches(saved, path):
@@ -232,12 +252,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere (unmerging it first if it was merged)."""
     if name not in list_adapters(model):
         raise KeyError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
-    for layer in lora_layers(model).values():
-        if name in layer.adapters:
-            if layer.adapters[name].merged:
-                raise RuntimeError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
-            del layer.adapters[name]
-            layer.active = tuple(n for n in layer.active if n != name)
+    layers = lora_layers(model).values()
+    if any(name in layer.adapters and layer.adapters[name].merged for layer in layers):
+        raise RuntimeError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
+    for layer in layers:
+        layer.remove_adapter(name)
 
 
 @contextlib.contextmanager

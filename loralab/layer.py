@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["LoRAAdapter", "LoRALinear", "LoRAEmbedding", "delta_weight", "lora_scaling", "is_conv1d", "module_dims"]
+__all__ = ["LoRAAdapter", "LoRALinear", "LoRAEmbedding", "delta_weight", "lora_scaling", "is_conv1d", "module_dims",
+           "adapter_dtype"]
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -37,6 +38,14 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
     """ΔW = scaling · B @ A, computed in float32.  A: (r, in), B: (out, r) -> (out, in)."""
     return (B.float() @ A.float()) * scaling
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters under a half-precision (or quantized) base are kept in float32: their updates are too small
+    for bf16/fp16; otherwise they share the base dtype."""
+    if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point:
+        return torch.float32
+    return base_dtype
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -107,16 +116,28 @@ class LoRALinear(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
         weight = self.dense_weight()
-        if dtype is None:
-            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
-            if not weight.dtype.is_floating_point:
-                dtype = torch.float32
         adapter = LoRAAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout=lora_dropout,
-                              use_rslora=use_rslora, device=weight.device, dtype=dtype)
+                              use_rslora=use_rslora, device=weight.device, dtype=dtype or adapter_dtype(weight.dtype))
         self._init_adapter(adapter, init_lora_weights)
+        return self.attach(name, adapter)
+
+    def attach(self, name: str, adapter: LoRAAdapter, active: bool = True) -> LoRAAdapter:
+        """Add an existing adapter under `name` (active unless active=False)."""
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
         self.adapters[name] = adapter
-        self.active = self.active + (name,)
+        if active:
+            self.active = self.active + (name,)
         return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop adapter `name` from this layer (no-op if absent).  A merged adapter must be unmerged first."""
+        if name not in self.adapters:
+            return
+        if self.adapters[name].merged:
+            raise RuntimeError(f"adapter {name!r} is merged; call unmerge(model) before removing it")
+        del self.adapters[name]
+        self.active = tuple(n for n in self.active if n != name)
 
     def _init_adapter(self, adapter: LoRAAdapter, init) -> None:
         with torch.no_grad():
@@ -218,7 +239,7 @@ def _add_lora(out: torch.Tensor, x: torch.Tensor, adapter: LoRAAdapter, training
     """out + scaling · (dropout(x) @ A.T) @ B.T, with the scale applied on the narrow (…, r) tensor and the
     final add fused into the matmul (addmm) — this is the per-token cost of an unmerged adapter."""
     A, B = adapter.lora_A, adapter.lora_B
-    if x.dtype != A.dtype:
+    if x.dtype != A.dtype and not torch.is_autocast_enabled(x.device.type):  # autocast casts inside F.linear
         x = x.to(A.dtype)
     scale = adapter.scaling
     if adapter.lora_dropout and training:

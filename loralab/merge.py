@@ -15,7 +15,7 @@ import warnings
 import torch
 from torch import nn
 
-from .inject import lora_layers, set_module
+from .inject import list_adapters, lora_layers, set_module
 
 __all__ = ["merge", "unmerge", "merge_and_unload"]
 
@@ -25,7 +25,7 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers to merge; call add_lora or load_adapter first")
-    names = (adapter_names,) if isinstance(adapter_names, str) else adapter_names
+    names = _known_names(model, adapter_names)
     plan = []
     for path, layer in layers.items():
         todo = tuple(layer.active if names is None else [n for n in names if n in layer.adapters])
@@ -35,8 +35,6 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.
                                f"add ΔW twice. Call unmerge(model) first.")
         _check_finite(path, layer, todo)
         plan.append((layer, todo))
-    if names is not None and not any(todo for _, todo in plan):
-        raise KeyError(f"no adapter named {list(names)} in the model")
     for layer, todo in plan:
         layer.merge(todo)
     return model
@@ -61,7 +59,7 @@ def merge_and_unload(model: nn.Module, adapter_names: str | list[str] | None = N
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; nothing to merge and unload")
-    names = (adapter_names,) if isinstance(adapter_names, str) else adapter_names
+    names = _known_names(model, adapter_names)
     plan = {path: tuple(layer.active if names is None else [n for n in names if n in layer.adapters])
             for path, layer in layers.items()}
     for path, todo in plan.items():
@@ -77,3 +75,14 @@ def _check_finite(path: str, layer, names) -> None:
     for n in names:
         if not all(torch.isfinite(p).all() for p in layer.adapters[n].parameters()):
             raise ValueError(f"adapter {n!r} at {path} holds NaN/Inf; refusing to merge it into the base")
+
+
+def _known_names(model: nn.Module, adapter_names) -> tuple[str, ...] | None:
+    """None (the active adapters) or the named ones, every one of which must exist."""
+    if adapter_names is None:
+        return None
+    names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
+    missing = [n for n in names if n not in list_adapters(model)]
+    if missing:
+        raise KeyError(f"no adapter named {missing}; the model has {list_adapters(model)}")
+    return names

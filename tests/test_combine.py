@@ -149,3 +149,20 @@ def test_factor_methods_against_dense_reference(seed, r, weights):
         assert A.shape == (r, 12) and B.shape == (9, r)
         errors[method] = ((B.double() @ A.double()) - exact).norm().item()
     assert errors["svd"] <= errors["linear"] + 1e-4 * exact.norm().item()  # Eckart–Young: best rank r
+
+
+def test_a_failure_half_way_leaves_no_combined_adapter_and_keeps_the_error(monkeypatch):
+    import loralab.combine as combine_module
+    model = _model()
+    real, calls = combine_module.combine_factors, []
+
+    def fail_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(combine_module, "combine_factors", fail_on_third)
+    with pytest.raises(RuntimeError, match="boom"):
+        combine_module.combine_adapters(model, ["a", "b"], [0.5, 0.5], method="cat", new_name="ab")
+    assert "ab" not in list_adapters(model)

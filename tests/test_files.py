@@ -506,3 +506,19 @@ def test_several_adapters_load_switch_delete_and_save_separately(tmp_path, ids):
     again = tiny_llama()
     load_adapter(again, tmp_path / "b2", "x")
     assert torch.equal(_logits(again, ids), _logits(b, ids))
+
+
+def test_config_from_another_save_is_refused_even_when_shapes_fit(tmp_path):
+    import json as _json
+    from conftest import tiny_llama
+    from loralab import LoraConfig, add_lora, load_adapter, save_adapter
+    model = add_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    save_adapter(model, tmp_path / "ad")
+    cfg_path = tmp_path / "ad" / "adapter_config.json"
+    cfg = _json.loads(cfg_path.read_text())
+    cfg["lora_alpha"] = 16  # as if a later save's config landed next to these weights
+    cfg_path.write_text(_json.dumps(cfg))
+    fresh = tiny_llama()
+    with pytest.raises(ValueError, match="different saves"):
+        load_adapter(fresh, tmp_path / "ad")
+    assert not any("adapters" in k for k in fresh.state_dict())

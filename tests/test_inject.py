@@ -200,3 +200,29 @@ def test_many_adapters_select_and_delete(ids):
     torch.testing.assert_close(model(ids).logits, out_a)
     delete_adapter(model, "a")
     torch.testing.assert_close(model(ids).logits, base_out)
+
+
+def test_pissa_rank_above_the_layer_is_refused_before_anything_changes():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 3))
+    before = _state(model)
+    with pytest.raises(ValueError, match="PiSSA.*r=4"):
+        add_lora(model, LoraConfig(r=4, target_modules=["0", "1"], init_lora_weights="pissa"))
+    assert not lora_layers(model) and _same_state(before, _state(model))
+
+
+def test_a_frozen_adapter_stays_frozen_when_another_is_added():
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
+    for layer in lora_layers(model).values():
+        layer.adapters["a"].requires_grad_(False)
+    add_lora(model, LoraConfig(r=2, target_modules=["v_proj"]), adapter_name="b")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".adapters.b." in n for n in trainable)
+
+
+def test_all_linear_does_not_put_a_second_adapter_on_an_adapted_embedding():
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=2, target_modules=["embed_tokens"]), adapter_name="emb")
+    add_lora(model, LoraConfig(r=2, target_modules="all-linear"), adapter_name="lin")
+    assert list(model.model.embed_tokens.adapters) == ["emb"]
+    assert "lin" in model.model.layers[0].self_attn.q_proj.adapters

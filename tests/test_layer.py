@@ -238,3 +238,25 @@ def test_no_grad_forward_equals_grad_forward_and_leaves_hooked_outputs_alone():
         out = layer(x)
     torch.testing.assert_close(seen[0], layer.base_layer(x))  # what the hook kept is the base output
     torch.testing.assert_close(out, with_grad, rtol=0, atol=0)
+
+
+def test_under_autocast_the_adapter_path_follows_autocast_and_stays_close_to_fp32():
+    layer = _layer(in_f=64, out_f=32, r=8)
+    _randomize_B(layer)
+    x = torch.randn(4, 64)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=3e-2, atol=3e-2)
+
+
+def test_attach_and_remove_adapter():
+    layer = _layer()
+    extra = layer.adapters["default"]
+    with pytest.raises(ValueError, match="already exists"):
+        layer.attach("default", extra)
+    layer.attach("other", LoRALinear(nn.Linear(12, 10)).add_adapter("x", 2, 2), active=False)
+    assert layer.active == ("default",) and list(layer.adapters) == ["default", "other"]
+    layer.remove_adapter("default")
+    assert layer.active == () and list(layer.adapters) == ["other"]

@@ -126,3 +126,18 @@ def test_property_merge_and_unload_preserves_function(r, alpha, seed, dims):
         y2 = model(x)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert ((y2 - y).abs().max() / y.abs().max().clamp_min(1)).item() <= 1e-5
+
+
+def test_unknown_adapter_names_are_refused_and_nothing_changes(ids):
+    model = tiny_llama()
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    _randomize(model)
+    with torch.no_grad():
+        before = model(ids).logits
+    with pytest.raises(KeyError, match="typo"):
+        merge(model, ["default", "typo"])
+    with pytest.raises(KeyError, match="typo"):
+        merge_and_unload(model, "typo")
+    assert lora_layers(model) and not any(a.merged for l in lora_layers(model).values() for a in l.adapters.values())
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, before)
