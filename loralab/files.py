@@ -103,7 +103,7 @@ def _target_spec(model: nn.Module, targets: set[str], modules_to_save) -> list[s
     a full-match regex over the paths if some path cannot be singled out by a suffix."""
     saved = modules_to_save or ()
     paths = [p for p in _base_view_paths(model)
-             if not any(re.match(rf"(^|.*\.){m}($|\..*)", p) for m in saved)]
+             if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", p) for m in saved)]
     cache: dict[str, bool] = {}
 
     def selects_only_targets(suffix: str) -> bool:
@@ -410,7 +410,7 @@ def _plan_extra(plan: _Plan, model, modules: dict, config: LoraConfig, targets, 
     saved = config.modules_to_save or ()
     embeddings = {id(m) for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings"))
                   if m is not None}
-    allowed = (any(re.match(rf"(^|.*\.){m}($|\..*)", owner) for m in saved)
+    allowed = (any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", owner) for m in saved)
                or (leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and wrapped in targets)))
                or (leaf == "weight" and wrapped in targets and _is_embedding(modules[wrapped]))
                or (leaf == "weight" and id(modules.get(owner)) in embeddings))
