@@ -3,8 +3,9 @@
 A checkpoint is a directory `<out>/checkpoints/step-000040/` holding
 
     trainable.safetensors   every trainable parameter (adapters A/B, modules_to_save) by its model name
-    optimizer.safetensors   the optimizer's per-parameter tensors ("state.<i>.exp_avg", ...) and the RNG
-                            states ("rng.cpu.<rank>" uint8, "rng.cuda.<device>")
+    optimizer.safetensors   the optimizer's per-parameter tensors ("state.<i>.exp_avg", ...) and every
+                            rank's RNG states ("rng.cpu.<rank>" uint8; with CUDA also "rng.cuda.<rank>",
+                            the state of the device that rank trains on)
     state.json              step and data position, optimizer hyper-parameters (param_groups), the
                             schedule, the TrainConfig and the history so far
 
@@ -24,6 +25,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import _atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "trainable_parameters"]
 
@@ -49,9 +52,12 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def save_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict,
-                    rng_states: list[torch.Tensor], keep: int = 2) -> Path:
+                    rng_states: list[torch.Tensor], keep: int = 2,
+                    cuda_rng_states: list[torch.Tensor] | None = None) -> Path:
     """Write checkpoint `step-<state['step']>` under `root` and point `latest` at it; keep the newest
-    `keep` checkpoints.  Refuses non-finite parameters, so the last checkpoint is always a good one."""
+    `keep` checkpoints.  rng_states / cuda_rng_states: each rank's CPU / CUDA RNG state, by rank (see
+    distributed.gather_rng_states).  Refuses non-finite parameters, so the last checkpoint is always a
+    good one."""
     from safetensors.torch import save_file
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -61,20 +67,18 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
         raise ValueError(f"refusing to checkpoint non-finite parameters ({bad[0]}); the previous checkpoint "
                          f"is kept")
     tensors, groups = _optimizer_tensors(optimizer)
+    assert cuda_rng_states is None or len(cuda_rng_states) == len(rng_states), "one CUDA RNG state per rank"
     for r, rng in enumerate(rng_states):
         tensors[f"rng.cpu.{r}"] = rng
-    if torch.cuda.is_available():
-        for d, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{d}"] = rng
+    for r, rng in enumerate(cuda_rng_states or ()):
+        tensors[f"rng.cuda.{r}"] = rng
     name = f"step-{state['step']:06d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
     try:
-        save_file(params, tmp / "trainable.safetensors")
-        save_file(tensors, tmp / "optimizer.safetensors")
         meta = {"format": FORMAT, **state, "param_names": list(params), "param_groups": groups}
-        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-        for f in tmp.iterdir():
-            _fsync(f)
+        _atomic_write(tmp / "trainable.safetensors", lambda t: save_file(params, t))  # written and fsynced
+        _atomic_write(tmp / "optimizer.safetensors", lambda t: save_file(tensors, t))
+        _atomic_write(tmp / "state.json", lambda t: Path(t).write_text(json.dumps(meta, indent=1)))
         final = root / name
         if final.exists():  # a re-run of the same step after a resume: replace it
             shutil.rmtree(final)
@@ -82,7 +86,7 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_atomic(root / LATEST, name)
+    _atomic_write(root / LATEST, lambda t: Path(t).write_text(name))
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -90,36 +94,56 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
 
 def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     rank: int = 0) -> dict:
-    """Restore trainable parameters, optimizer state and this rank's RNG state from checkpoint `path`;
-    returns its state.json.  Raises ValueError if the model's trainable parameters do not match."""
+    """Restore trainable parameters, optimizer state and this rank's RNG states from checkpoint `path`;
+    returns its state.json.  Everything is checked before anything is restored: on a mismatch (ValueError:
+    other parameters or shapes, optimizer groups, number of processes, CUDA or not) the model, optimizer
+    and RNGs are left untouched."""
     from safetensors.torch import load_file
     path = Path(path)
     meta = json.loads((path / "state.json").read_text())
     params = trainable_parameters(model)
     saved = load_file(path / "trainable.safetensors")
-    if list(params) != meta["param_names"]:
-        missing = sorted(set(meta["param_names"]) - set(params))[:3]
-        extra = sorted(set(params) - set(meta["param_names"]))[:3]
+    tensors = load_file(path / "optimizer.safetensors")
+    _check_parameters(path, params, meta["param_names"], saved)
+    optimizer_state = _optimizer_state(tensors, meta["param_groups"], optimizer)
+    cpu_rng, cuda_rng = _rng_states(path, tensors, rank)
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    optimizer.load_state_dict(optimizer_state)
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng)  # the current device: the one this rank trains on
+    return meta
+
+
+def _check_parameters(path: Path, params: dict[str, nn.Parameter], names: list[str], saved: dict) -> None:
+    if list(params) != names:
+        missing = sorted(set(names) - set(params))[:3]
+        extra = sorted(set(params) - set(names))[:3]
         raise ValueError(f"{path}: the checkpoint's trainable parameters differ from the model's (in the "
                          f"checkpoint only: {missing}; in the model only: {extra}); resume with the same "
                          f"model, target_modules and modules_to_save as the run that wrote it")
-    with torch.no_grad():
-        for name, p in params.items():
-            if saved[name].shape != p.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(saved[name].shape)} in the checkpoint but "
-                                 f"{tuple(p.shape)} in the model; resume with the same r and model")
-            p.copy_(saved[name])
-    tensors = load_file(path / "optimizer.safetensors")
-    optimizer.load_state_dict(_optimizer_state(tensors, meta["param_groups"], optimizer))
-    key = f"rng.cpu.{rank}"
-    if key not in tensors:
+    for name, p in params.items():
+        if saved[name].shape != p.shape:
+            raise ValueError(f"{path}: {name} has shape {tuple(saved[name].shape)} in the checkpoint but "
+                             f"{tuple(p.shape)} in the model; resume with the same r and model")
+
+
+def _rng_states(path: Path, tensors: dict, rank: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(this rank's CPU RNG state, its CUDA RNG state or None if the run had no CUDA)."""
+    if f"rng.cpu.{rank}" not in tensors:
         raise ValueError(f"{path}: written by a run with fewer processes (no RNG state for rank {rank}); "
                          f"resume with the same number of processes")
-    torch.set_rng_state(tensors[key])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    return meta
+    if not any(k.startswith("rng.cuda.") for k in tensors):
+        return tensors[f"rng.cpu.{rank}"], None
+    if not torch.cuda.is_available():
+        raise ValueError(f"{path}: written by a run with CUDA, but this process has none, so its CUDA RNG "
+                         f"state (dropout on the GPU) cannot be restored; resume on a machine with CUDA")
+    if f"rng.cuda.{rank}" not in tensors:
+        raise ValueError(f"{path}: no CUDA RNG state for rank {rank}; resume with the same number of "
+                         f"processes as the run that wrote it")
+    return tensors[f"rng.cpu.{rank}"], tensors[f"rng.cuda.{rank}"]
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
@@ -145,17 +169,3 @@ def _optimizer_state(tensors: dict, groups: list, optimizer: torch.optim.Optimiz
                          "loraplus_lr_ratio or weight decay changed?); resume with the same TrainConfig")
     groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in groups]
     return {"state": state, "param_groups": groups}
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_atomic(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)

@@ -12,6 +12,8 @@ import json
 import math
 import sys
 
+from .train_cli import _positive_float, _positive_int  # the one copy (shared with `loralab train`)
+
 __all__ = ["main", "build_parser"]
 
 
@@ -151,29 +153,12 @@ def _nonnegative_float(text: str) -> float:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = _finite_float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
-    return value
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     """Parse "1,2,4" as (1, 2, 4); every entry must be a positive integer."""
     try:
         return tuple(_positive_int(part.strip()) for part in text.split(","))
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4: {e}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

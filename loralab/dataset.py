@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -192,7 +192,6 @@ class TokenizedData:
     examples: list
     pad_token_id: int = 0
     labels: tuple | None = None
-    meta: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.examples)

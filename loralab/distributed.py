@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["setup", "rank", "world_size", "is_main", "all_reduce_sum", "barrier", "wrap", "is_sharded",
-           "gather_rng_states"]
+           "gather_rng_states", "gather_cuda_rng_states"]
 
 
 def setup() -> None:
@@ -90,7 +90,17 @@ def is_sharded(model: nn.Module) -> bool:
 
 def gather_rng_states() -> list[torch.Tensor]:
     """Every rank's CPU RNG state (uint8 tensors), on every rank: a resumed run gives each rank its own."""
-    state = torch.get_rng_state()
+    return _all_gather(torch.get_rng_state())
+
+
+def gather_cuda_rng_states() -> list[torch.Tensor] | None:
+    """Every rank's CUDA RNG state (of its current device, the one it trains on), on every rank;
+    None without CUDA."""
+    return _all_gather(torch.cuda.get_rng_state()) if torch.cuda.is_available() else None
+
+
+def _all_gather(state: torch.Tensor) -> list[torch.Tensor]:
+    """[rank 0's state, rank 1's, ...] as CPU tensors (nccl gathers device tensors only)."""
     if world_size() <= 1:
         return [state]
     backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"

@@ -167,6 +167,11 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the step's loss sum, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _plan(n: int, config: TrainConfig, world: int) -> tuple[int, int]:
     """(steps per epoch, total steps).  A final step with fewer examples than world × grad_accum
     micro-batches is dropped (it could not give every process a micro-batch)."""
@@ -179,11 +184,15 @@ def _plan(n: int, config: TrainConfig, world: int) -> tuple[int, int]:
     return steps, min(total, config.max_steps) if config.max_steps else total
 
 
-def _micro_batches(data: TokenizedData, step: int, steps_per_epoch: int, config: TrainConfig,
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a permutation of range(n) seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+
+
+def _micro_batches(data: TokenizedData, order: torch.Tensor, position: int, config: TrainConfig,
                    rank: int, world: int) -> tuple[list[dict], int]:
-    """This process's micro-batches for optimizer step `step`, and the examples in the global batch."""
-    epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(config.seed + epoch))
+    """This process's micro-batches for step `position` of the epoch whose data order is `order`, and
+    the examples in the global batch."""
     per_step = config.batch_size * config.grad_accum * world
     chunk = order[position * per_step:(position + 1) * per_step]
     parts = torch.tensor_split(chunk, world * config.grad_accum)
@@ -223,18 +232,26 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     device = _device(model)
     bar = _progress(config, total, start)
     model.train()
+    order, order_epoch = None, None
     for step in range(start, total):
+        # data order: one seeded permutation per epoch, drawn when the epoch starts (or training resumes)
+        epoch, position = divmod(step, steps_per_epoch)
+        if epoch != order_epoch:
+            order, order_epoch = _epoch_order(len(data), config.seed, epoch), epoch
+
         # learning rate for this step
         lr = lr_at(step, total, config)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_ratio"]
 
         # forward / backward over this process's micro-batches; the loss is normalised by the
-        # number of targets in the whole global batch so every process and micro-batch weighs the same
+        # number of targets in the whole global batch so every process and micro-batch weighs the same.
+        # Both sums live on the training device (nccl reduces device tensors only) and reach the host once.
         started = time.perf_counter()
-        batches, n_examples = _micro_batches(data, step, steps_per_epoch, config, rank, world)
-        count = dd.all_reduce_sum(torch.tensor(float(sum(_targets(b["labels"], config.task) for b in batches))))
-        loss_total = torch.zeros((), dtype=torch.float64)
+        batches, n_examples = _micro_batches(data, order, position, config, rank, world)
+        targets = sum(_targets(b["labels"], config.task) for b in batches)
+        count = dd.all_reduce_sum(torch.tensor(float(targets), device=device))
+        loss_total = torch.zeros((), dtype=_sum_dtype(device), device=device)
         for i, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
             labels = batch.pop("labels")
@@ -243,7 +260,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
                     loss = _loss_sum(_logits(runner, batch), labels, config.task)
                 (loss * world / count.clamp(min=1)).backward()  # DDP averages over ranks: undo its 1/world
-            loss_total += loss.detach().double().cpu()
+            loss_total += loss.detach().to(loss_total.dtype)
         loss_value = float(dd.all_reduce_sum(loss_total) / count.clamp(min=1))
 
         # clip, check, step
@@ -257,7 +274,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
 
         # log, evaluate, checkpoint
         seconds = time.perf_counter() - started
-        record = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": loss_value, "lr": lr,
+        record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
                   "grad_norm": grad_norm, "examples_per_s": n_examples / seconds}
         history.steps.append(record)
         if bar is not None:
@@ -286,11 +303,12 @@ def _clip(params, max_norm: float | None) -> float:
 
 
 def _checkpoint(root: Path, model, optimizer, step: int, config: TrainConfig, history: History) -> None:
-    rng = dd.gather_rng_states()  # collective: every rank takes part, rank 0 writes
+    rng = dd.gather_rng_states()  # collectives: every rank takes part, rank 0 writes
+    cuda_rng = dd.gather_cuda_rng_states()
     if dd.is_main():
         history.checkpoint = str(root / f"step-{step:06d}")
         state = {"step": step, "config": asdict(config), "history": history.to_dict(), "world_size": len(rng)}
-        save_checkpoint(root, model, optimizer, state, rng, keep=config.keep_checkpoints)
+        save_checkpoint(root, model, optimizer, state, rng, keep=config.keep_checkpoints, cuda_rng_states=cuda_rng)
     dd.barrier()
 
 

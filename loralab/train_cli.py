@@ -50,8 +50,10 @@ def _fraction(text) -> float:
     return value
 
 
-def _targets(text) -> str:
-    names = [t.strip() for t in str(text).split(",") if t.strip()]
+def _targets(value) -> str:
+    """'q_proj, v_proj' or a --config list ["q_proj", "v_proj"] -> 'q_proj,v_proj'."""
+    from .train_job import target_names
+    names = target_names(value)
     if not names:
         raise argparse.ArgumentTypeError("expected 'all-linear' or comma-separated module names like q_proj,v_proj")
     return ",".join(names)

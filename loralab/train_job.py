@@ -25,12 +25,13 @@ from torch import nn
 from .checkpoint import latest_checkpoint
 from .config import LoraConfig
 from .dataset import check_records, read_records, split_records, tokenize
+from .files import _atomic_write, save_adapter
 from .inject import add_lora, lora_layers, trainable_report
 from .merge import merge, unmerge
 from .train import TrainConfig, evaluate, seed_everything, train
 
 __all__ = ["run_train_job", "bundled_model_dir", "BUNDLED_TRAIN", "BUNDLED_EVAL", "BUNDLED_RECIPE",
-           "load_model_for_task", "factor_stats"]
+           "load_model_for_task", "factor_stats", "target_names"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED_TRAIN = DATA_DIR / "travel_train.jsonl"
@@ -101,6 +102,12 @@ def _stats_line(label: str, s: dict) -> str:
             f"mean ‖ΔW‖/‖W0‖ {s['delta_over_W0']:.5f}")
 
 
+def target_names(value) -> list[str]:
+    """Module names from a comma-separated string ("q_proj, v_proj") or a list / tuple of them."""
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def _head_names(model: nn.Module) -> list[str]:
     names = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
     if not names:
@@ -138,7 +145,8 @@ def _head_only(opts: dict, labels, train_data, eval_data, tconfig: TrainConfig) 
 def _merge_check(model: nn.Module, eval_data) -> float:
     """max |logits(unmerged) - logits(merged)| on up to 64 held-out examples."""
     model.eval()
-    batch = eval_data.collate(range(min(64, len(eval_data))))
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) for k, v in eval_data.collate(range(min(64, len(eval_data)))).items()}
     batch.pop("labels")
     before = model(**batch).logits
     merge(model)
@@ -167,7 +175,7 @@ def run_train_job(opts: dict, say=print) -> dict:
 
     heads = _head_names(model) if task == "classify" else None
     target = opts["target_modules"]
-    target = target if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
+    target = target if target == "all-linear" else target_names(target)
     lora_config = LoraConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
                              target_modules=target, modules_to_save=heads)
     add_lora(model, lora_config)
@@ -202,7 +210,6 @@ def run_train_job(opts: dict, say=print) -> dict:
             f"({head_only['trainable_params']:,} trainable params)")
 
     adapter_dir = out / "adapter"
-    from .files import save_adapter
     save_adapter(model, adapter_dir, modules_to_save=heads, base_model_name_or_path=str(opts["model"]),
                  task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM")
     merge_diff = _merge_check(model, eval_data)
@@ -219,8 +226,8 @@ def run_train_job(opts: dict, say=print) -> dict:
         "adapter_dir": str(adapter_dir), "run_file": str(out / "run.json"),
         "checkpoint": history.checkpoint, "seconds": time.perf_counter() - t0,
     }
-    (out / "run.json").write_text(json.dumps({**result, "options": _jsonable(opts),
-                                              "history": history.to_dict()}, indent=1) + "\n")
+    text = json.dumps({**result, "options": _jsonable(opts), "history": history.to_dict()}, indent=1) + "\n"
+    _atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(text))
     say(f"\nwrote\n  adapter (PEFT format)   {adapter_dir}/\n  results and history     {out / 'run.json'}"
         + (f"\n  last checkpoint         {history.checkpoint}/" if history.checkpoint else ""))
     say(f"done in {result['seconds']:.0f} s")

@@ -84,6 +84,87 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
     assert latest_checkpoint(tmp_path) is None and not list(tmp_path.glob(".*tmp"))
 
 
+def _saved_after_one_step(tmp_path, **save_kwargs):
+    """(model, checkpoint path) after one AdamW step, the model's parameters then moved off the checkpoint."""
+    model = tiny_llama_lora()
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = _optimizer(params, TrainConfig())
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    path = save_checkpoint(tmp_path, model, opt, {"step": 1}, [torch.get_rng_state()], **save_kwargs)
+    with torch.no_grad():
+        for p in params.values():
+            p.add_(1.0)
+    return model, path
+
+
+def _reshape_last_trainable(model):
+    last = [p for p in model.parameters() if p.requires_grad][-1]
+    last.data = torch.zeros(last.shape[0] + 1, *last.shape[1:])
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("rank", "resume with the same number of processes"),
+    ("shape", "in the checkpoint but .* in the model; resume with the same r"),
+    ("groups", "different parameter groups"),
+    ("cuda", "written by a run with CUDA, but this process has none"),
+])
+def test_a_refused_checkpoint_restores_nothing(tmp_path, case, fragment):
+    """Every check runs before the first copy: a mismatch leaves no half-restored model or optimizer."""
+    fake_cuda = [torch.zeros(16, dtype=torch.uint8)]
+    model, path = _saved_after_one_step(tmp_path, cuda_rng_states=fake_cuda if case == "cuda" else None)
+    if case == "shape":  # only the last parameter differs: the earlier ones must not be copied either
+        _reshape_last_trainable(model)
+    before = trainable_state(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = _optimizer(params, TrainConfig(loraplus_lr_ratio=16 if case == "groups" else 1.0))
+    rng = torch.get_rng_state()
+    with pytest.raises(ValueError, match=fragment):
+        load_checkpoint(path, model, opt, rank=1 if case == "rank" else 0)
+    after = trainable_state(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert not opt.state and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_each_rank_gets_its_own_cuda_rng_state_back(tmp_path, monkeypatch):
+    """No GPU needed: torch.cuda's RNG functions are stood in for; rank r must get the state rank r saved."""
+    from loralab import distributed as dd
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.full((16,), 7, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(state))
+    assert [t.tolist() for t in dd.gather_cuda_rng_states()] == [[7] * 16]  # one process: its own state
+    cpu = [torch.get_rng_state(), torch.get_rng_state()]
+    cuda = [torch.full((16,), r, dtype=torch.uint8) for r in range(2)]
+    model = tiny_llama_lora()
+    opt = _optimizer({n: p for n, p in model.named_parameters() if p.requires_grad}, TrainConfig())
+    path = save_checkpoint(tmp_path, model, opt, {"step": 1}, cpu, cuda_rng_states=cuda)
+    assert {k for k in load_file(path / "optimizer.safetensors") if k.startswith("rng.")} == {
+        "rng.cpu.0", "rng.cpu.1", "rng.cuda.0", "rng.cuda.1"}
+    load_checkpoint(path, model, opt, rank=1)
+    assert len(restored) == 1 and torch.equal(restored[0], cuda[1])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dd.gather_cuda_rng_states() is None
+
+
+def test_a_failed_latest_pointer_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    model, _ = _saved_after_one_step(tmp_path)
+    opt = _optimizer({n: p for n, p in model.named_parameters() if p.requires_grad}, TrainConfig())
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == "latest":
+            raise OSError("disk full")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, model, opt, {"step": 2}, [torch.get_rng_state()])
+    assert (tmp_path / "latest").read_text() == "step-000001"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def _train_cmd(model_dir, data_dir, out):
     return [sys.executable, "-m", "loralab.cli", "train", "--model", str(model_dir), "--task", "classify",
             "--data", str(data_dir / "train.jsonl"), "--eval-data", str(data_dir / "eval.jsonl"),

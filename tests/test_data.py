@@ -125,3 +125,8 @@ def test_bundled_dataset_is_well_formed():
     # every sentence names two of the cities, so which one is the destination is the whole task
     for r in train + held:
         assert sum(city in r["text"] for city in label_names(train)) == 2, r
+
+
+def test_tokenized_data_holds_only_what_batching_reads():
+    import dataclasses
+    assert [f.name for f in dataclasses.fields(TokenizedData)] == ["examples", "pad_token_id", "labels"]

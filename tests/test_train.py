@@ -269,3 +269,44 @@ def test_no_trainable_parameters_is_an_error():
     model = nn.Linear(3, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters; call add_lora"):
         train(model, [{"input": torch.zeros(3), "labels": 0}], None, TrainConfig(progress=False))
+
+
+class _TwoLayerNet(nn.Module):
+    """forward(x) -> logits (B, 2), for tests that need no transformers model."""
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+def _net_and_data(n=16):
+    torch.manual_seed(0)
+    net = _TwoLayerNet()
+    add_lora(net, LoraConfig(r=2, target_modules=["body"]))
+    xs = torch.randn(n, 8, generator=torch.Generator().manual_seed(1))
+    return net, [{"x": x, "labels": int(x[0] > 0)} for x in xs]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_step_sums_stay_on_the_training_device_and_reach_the_host_once_per_step(monkeypatch, device):
+    """nccl all-reduces device tensors only, and a .cpu() per micro-batch stalls the device each time."""
+    from loralab import distributed as dd
+    net, data = _net_and_data()
+    net.to(device)
+    reduced, copies, real_cpu = [], [], torch.Tensor.cpu
+    monkeypatch.setattr(dd, "all_reduce_sum", lambda value: reduced.append(value.device) or value)
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or real_cpu(self, *a, **k))
+    history = train(net, data, None, TrainConfig(epochs=1, batch_size=2, grad_accum=4, progress=False))
+    steps = len(history.steps)
+    assert steps == 2 and reduced == [next(net.parameters()).device] * 2 * steps  # count and loss, per step
+    assert len(copies) <= steps  # was one per micro-batch (8)
+
+
+def test_data_order_is_drawn_once_per_epoch(monkeypatch):
+    net, data = _net_and_data()
+    draws, real_randperm = [], torch.randperm
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a[0]) or real_randperm(*a, **k))
+    history = train(net, data, None, TrainConfig(epochs=3, batch_size=4, progress=False))
+    assert len(history.steps) == 12 and draws == [16] * 3  # was one whole-dataset permutation per step

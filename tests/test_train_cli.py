@@ -98,6 +98,67 @@ def test_config_file_errors(tmp_path, content, fragment):
         resolve(parse("--config", str(path)))
 
 
+@pytest.mark.parametrize("name, content", [
+    ("c.json", '{"target_modules": ["q_proj", " v_proj"]}'),
+    ("c.toml", 'target-modules = ["q_proj", "v_proj"]\n'),
+])
+def test_config_file_target_modules_list(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_text(content)
+    assert resolve(parse("--config", str(path)))["target_modules"] == "q_proj,v_proj"
+
+
+def test_one_copy_of_the_number_validators():
+    from loralab import cli, train_cli
+    assert cli._positive_int is train_cli._positive_int and cli._positive_float is train_cli._positive_float
+
+
+def test_merge_check_sends_the_batch_to_the_model_device(monkeypatch):
+    """The meta device stands in for an accelerator: the probe's parameters live there, the data does not."""
+    from types import SimpleNamespace
+    from loralab import train_job
+    from loralab.dataset import TokenizedData
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(2, device="meta"))
+
+        def forward(self, input_ids, attention_mask):
+            seen.append((input_ids.device.type, attention_mask.device.type))
+            return SimpleNamespace(logits=torch.zeros(len(input_ids), 2))
+
+    monkeypatch.setattr(train_job, "merge", lambda model: None)
+    monkeypatch.setattr(train_job, "unmerge", lambda model: None)
+    data = TokenizedData([{"input_ids": [1, 2, 3], "labels": 0}, {"input_ids": [4], "labels": 1}])
+    assert train_job._merge_check(Probe(), data) == 0.0
+    assert seen == [("meta", "meta")] * 2
+
+
+def test_run_json_is_replaced_atomically(tmp_path, monkeypatch):
+    """A write that fails half-way leaves the previous run.json whole (and no temporary file)."""
+    model_dir, data_dir = tiny_classifier_dir(tmp_path / "model"), write_travel_files(tmp_path / "data", 8, 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"previous": true}\n')
+    real_write_text = Path.write_text
+
+    def torn(self, text, *args, **kwargs):
+        if "run.json" in self.name:
+            real_write_text(self, text[:10])
+            raise OSError("disk full")
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", torn)
+    with pytest.raises(OSError, match="disk full"):
+        main(["train", "--model", str(model_dir), "--data", str(data_dir / "train.jsonl"), "--eval-data",
+              str(data_dir / "eval.jsonl"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--r", "2",
+              "--target-modules", "query", "--skip-head-only", "--no-progress"])
+    assert json.loads((out / "run.json").read_text()) == {"previous": True}
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
 def test_missing_data_and_model_errors(tmp_path, capsys):
     assert main(["train", "--json", "--data", str(tmp_path / "none.jsonl"), "--out", str(tmp_path)]) == 2
     out = json.loads(capsys.readouterr().out)
