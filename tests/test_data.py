@@ -126,7 +126,3 @@ def test_bundled_dataset_is_well_formed():
     for r in train + held:
         assert sum(city in r["text"] for city in label_names(train)) == 2, r
 
-
-def test_tokenized_data_holds_only_what_batching_reads():
-    import dataclasses
-    assert [f.name for f in dataclasses.fields(TokenizedData)] == ["examples", "pad_token_id", "labels"]

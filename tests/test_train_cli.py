@@ -108,11 +108,6 @@ def test_config_file_target_modules_list(tmp_path, name, content):
     assert resolve(parse("--config", str(path)))["target_modules"] == "q_proj,v_proj"
 
 
-def test_one_copy_of_the_number_validators():
-    from loralab import cli, train_cli
-    assert cli._positive_int is train_cli._positive_int and cli._positive_float is train_cli._positive_float
-
-
 def test_merge_check_sends_the_batch_to_the_model_device(monkeypatch):
     """The meta device stands in for an accelerator: the probe's parameters live there, the data does not."""
     from types import SimpleNamespace
