@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from .config import BIAS_CHOICES, LoraConfig, config_from_peft
-from .inject import check_new_adapter_name, find_targets, list_adapters, lora_layers, set_module, wrap_module
+from .inject import (base_view_modules, check_new_adapter_name, find_targets, list_adapters, lora_layers,
+                     set_module, wrap_module)
 from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, adapter_dtype, is_conv1d, module_dims
 
 __all__ = ["save_adapter", "load_adapter", "LoadReport", "config_from_peft", "base_fingerprint",
@@ -85,24 +86,11 @@ def _config_to_peft(model: nn.Module, layers: dict[str, LoRALinear], adapter_nam
     }
 
 
-def _base_view_paths(model: nn.Module) -> list[str]:
-    """Module paths as PEFT sees the base model: LoRA wrappers count as the module they wrap."""
-    paths, skip = [], None
-    for path, module in model.named_modules():
-        if skip and path.startswith(skip):
-            continue
-        if isinstance(module, LoRALinear):
-            skip = path + "."
-        if path:
-            paths.append(path)
-    return paths
-
-
 def _target_spec(model: nn.Module, targets: set[str], modules_to_save) -> list[str] | str:
     """Shortest dotted suffixes (PEFT list rule: exact path or '.'+suffix) selecting exactly `targets`;
     a full-match regex over the paths if some path cannot be singled out by a suffix."""
     saved = modules_to_save or ()
-    paths = [p for p in _base_view_paths(model)
+    paths = [p for p, _ in base_view_modules(model)
              if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", p) for m in saved)]
     cache: dict[str, bool] = {}
 

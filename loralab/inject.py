@@ -20,9 +20,9 @@ from torch import nn
 from .config import LoraConfig
 from .layer import LoRAEmbedding, LoRALinear, is_conv1d, module_dims, warn_if_rank_too_large
 
-__all__ = ["add_lora", "find_targets", "lora_layers", "trainable_report", "TrainableReport", "disable_lora",
-           "set_adapter", "delete_adapter", "list_adapters", "mark_only_lora_trainable", "check_new_adapter_name",
-           "wrap_module", "set_module"]
+__all__ = ["add_lora", "find_targets", "base_view_modules", "lora_layers", "trainable_report", "TrainableReport",
+           "disable_lora", "set_adapter", "delete_adapter", "list_adapters", "mark_only_lora_trainable",
+           "check_new_adapter_name", "wrap_module", "set_module"]
 
 SUPPORTED = "nn.Linear, nn.Embedding, transformers Conv1D (GPT-2), or a quantized linear base"
 _DEFAULT_LAYER_NAMES = ("layers", "h", "layer", "blocks", "block")
@@ -75,6 +75,19 @@ def _candidates(model: nn.Module, limit: int = 40) -> str:
     return "\n".join(rows[:limit]) + more
 
 
+def base_view_modules(model: nn.Module):
+    """(path, module) as the base model has them: a LoRA layer stands for the module it wraps, and its
+    base_layer/adapters are not listed.  The root (path "") is left out."""
+    skip_below = None
+    for path, module in model.named_modules():
+        if skip_below is not None and path.startswith(skip_below):
+            continue
+        if isinstance(module, LoRALinear):
+            skip_below = path + "."
+        if path:
+            yield path, module
+
+
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Module paths that `config` selects, in model order.  Raises ValueError listing candidates if none,
     TypeError if a selected module is of a type LoRA cannot wrap."""
@@ -86,14 +99,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     all_linear = spec == "all-linear"
     heads = _output_head_paths(model) if all_linear else set()
     saved = config.modules_to_save or ()
-    targets, skip_below = [], None
-    for path, module in model.named_modules():
-        if skip_below is not None and path.startswith(skip_below):
-            continue  # inside an existing LoRA layer: its base_layer/adapters are not targets
-        if isinstance(module, LoRALinear):
-            skip_below = path + "."
-        if not path:
-            continue
+    targets = []
+    for path, module in base_view_modules(model):
         if all_linear:
             base = module.base_layer if isinstance(module, LoRALinear) else module
             hit = _is_linear_like(base) and path not in heads
