@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import tempfile
@@ -36,9 +37,10 @@ import torch
 from torch import nn
 
 from .config import BIAS_CHOICES, LoraConfig, config_from_peft
-from .inject import (base_view_modules, check_new_adapter_name, find_targets, list_adapters, lora_layers,
-                     set_module, wrap_module)
+from .inject import (active_adapters, base_view_modules, check_new_adapter_name, find_saved_targets, find_targets,
+                     list_adapters, lora_layers, set_adapter, set_module, wrap_module, wrap_saved)
 from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, adapter_dtype, is_conv1d, module_dims
+from .saved import SavedModule, inside_saved, saved_modules
 
 __all__ = ["save_adapter", "load_adapter", "LoadReport", "config_from_peft", "base_fingerprint",
            "WEIGHTS_NAME", "CONFIG_NAME"]
@@ -56,17 +58,19 @@ _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<name>lora_A\.weight|lora_B\.weight|l
 
 
 # ---- adapter_config.json ---------------------------------------------------------------------------------
-def _config_to_peft(model: nn.Module, layers: dict[str, LoRALinear], adapter_name: str,
+def _config_to_peft(model: nn.Module, layers: dict[str, LoRALinear], factors: dict, adapter_name: str,
                     modules_to_save, bias: str, base_model_name_or_path, task_type) -> dict:
     """adapter_config.json for one adapter: per-module rank/alpha differences go to rank_pattern/alpha_pattern
     (keys are escaped full paths, PEFT matches them as a suffix regex), target_modules to the shortest
-    name suffixes that select exactly these modules under PEFT's matching rule."""
+    name suffixes that select exactly these modules under PEFT's matching rule.  `factors` holds the
+    (A, B) written per module, whose rank may differ from the adapter's (PiSSA/OLoRA: 2r, same scaling)."""
     adapters = {p: l.adapters[adapter_name] for p, l in layers.items()}
+    rank = {p: factors[p][0].shape[0] for p in layers}
     rslora = {a.use_rslora for a in adapters.values()}
     use_rslora = rslora == {True}
-    # a per-module alpha that reproduces each scaling exactly, even if rsLoRA was mixed across modules
-    alpha = {p: (a.lora_alpha if len(rslora) == 1 else a.scaling * a.r) for p, a in adapters.items()}
-    rank = {p: a.r for p, a in adapters.items()}
+    # a per-module alpha that reproduces each scaling exactly at the rank written, even if rsLoRA was mixed
+    alpha = {p: (a.lora_alpha * (rank[p] / a.r if not use_rslora else math.sqrt(rank[p] / a.r))
+                 if len(rslora) == 1 else a.scaling * rank[p]) for p, a in adapters.items()}
     r0 = Counter(rank.values()).most_common(1)[0][0]
     alpha0 = Counter(alpha.values()).most_common(1)[0][0]
     dropout = Counter(a.lora_dropout for a in adapters.values()).most_common(1)[0][0]
@@ -89,9 +93,7 @@ def _config_to_peft(model: nn.Module, layers: dict[str, LoRALinear], adapter_nam
 def _target_spec(model: nn.Module, targets: set[str], modules_to_save) -> list[str] | str:
     """Shortest dotted suffixes (PEFT list rule: exact path or '.'+suffix) selecting exactly `targets`;
     a full-match regex over the paths if some path cannot be singled out by a suffix."""
-    saved = modules_to_save or ()
-    paths = [p for p, _ in base_view_modules(model)
-             if not any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", p) for m in saved)]
+    paths = [p for p, _ in base_view_modules(model) if not inside_saved(p, modules_to_save)]
     cache: dict[str, bool] = {}
 
     def selects_only_targets(suffix: str) -> bool:
@@ -120,14 +122,20 @@ def _base_weight(module: nn.Module) -> torch.Tensor:
 
 
 def base_fingerprint(module: nn.Module) -> dict:
-    """{"shape", "dtype", "sample"}: SAMPLES evenly strided elements of the base weight (no full pass)."""
+    """{"shape", "dtype", "sample"}: SAMPLES evenly strided elements of the base weight (no full pass).
+    When an init rewrote W0 (PiSSA / OLoRA), the samples are those of the original W0 it came from."""
     w = _base_weight(module).detach()
     flat = w.reshape(-1)
     n = flat.numel()
     k = min(SAMPLES, n)
-    idx = [i * (n - 1) // max(k - 1, 1) for i in range(k)]
-    return {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."),
-            "sample": flat[idx].float().tolist()}
+    idx = torch.tensor([i * (n - 1) // max(k - 1, 1) for i in range(k)], device=w.device)
+    sample = flat[idx].float()
+    for a in (module.adapters.values() if isinstance(module, LoRALinear) else ()):
+        if a.init_A is not None:  # + scaling·(B0·A0)[i, j] at the sampled (out, in) positions, in storage order
+            rows, cols = (idx // w.shape[1], idx % w.shape[1])
+            out_i, in_j = (cols, rows) if module.fan_in_fan_out else (rows, cols)
+            sample = sample + a.scaling * (a.init_B.float()[out_i] * a.init_A.float().T[in_j]).sum(-1)
+    return {"shape": list(w.shape), "dtype": str(w.dtype).removeprefix("torch."), "sample": sample.tolist()}
 
 
 def _fingerprint_differs(saved: dict, now: dict) -> str | None:
@@ -143,30 +151,37 @@ def _fingerprint_differs(saved: dict, now: dict) -> str | None:
 
 # ---- save -----------------------------------------------------------------------------------------------
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
-                 modules_to_save=None, bias: str = "none", base_model_name_or_path: str | None = None,
+                 modules_to_save=None, bias: str | None = None, base_model_name_or_path: str | None = None,
                  task_type: str | None = None) -> Path:
     """Write adapter `adapter_name` to `directory` in PEFT's format (loadable by PeftModel.from_pretrained).
 
-    modules_to_save: module names (PEFT's rule) whose full weights travel with the adapter, e.g. ["lm_head"].
-    bias: "none" | "all" | "lora_only" — which trained biases to save (as in LoraConfig).
+    What the adapter trains is saved by default: its copies of modules to save (add_lora's modules_to_save)
+    and the biases its config trains (bias).  modules_to_save: extra module names (PEFT's rule) whose full
+    weights travel too, e.g. ["lm_head"]; bias: "none" | "all" | "lora_only" overrides the adapter's own.
+    An adapter whose init rewrote W0 (PiSSA, OLoRA) is written as the plain rank-2r LoRA adapter
+    [A; A0], [B, -B0] (PEFT's conversion), which gives the trained outputs on the *original* base in any tool.
     Each file is written to a temporary name and renamed into place, so an interrupted save never leaves
     a half-written file where a complete one was.  Returns the directory."""
     layers = {p: l for p, l in lora_layers(model).items() if adapter_name in l.adapters}
+    copies = {p: m for p, m in saved_modules(model).items() if adapter_name in m.modules_to_save}
     if not layers:
         raise KeyError(f"no adapter named {adapter_name!r} to save; the model has {list_adapters(model)}")
     merged = [p for p, l in layers.items() if any(a.merged for a in l.adapters.values())]
     if merged:
         raise RuntimeError(f"{len(merged)} of the adapted base layers hold a merged adapter (e.g. {merged[0]}); "
                            f"call unmerge(model) first so the saved fingerprint describes the unmodified base")
+    bias = bias if bias is not None else next(iter(layers.values())).adapters[adapter_name].bias_mode
     if bias not in BIAS_CHOICES:
         raise ValueError(f"bias={bias!r}; choose 'none', 'all' or 'lora_only'")
-    if isinstance(modules_to_save, str):
-        modules_to_save = [modules_to_save]
-    tensors = _adapter_tensors(layers, adapter_name)
-    tensors.update(_extra_tensors(model, layers, modules_to_save, bias))
+    extra = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save or ())
+    names = list(dict.fromkeys([p.rpartition(".")[2] if p.rpartition(".")[2] and _unique_suffix(model, p)
+                                else p for p in copies] + extra))
+    factors = {p: l.adapters[adapter_name].update_factors() for p, l in layers.items()}
+    tensors = _adapter_tensors(layers, factors, adapter_name)
+    tensors.update(_extra_tensors(model, layers, copies, adapter_name, extra, bias))
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    config = _config_to_peft(model, layers, adapter_name, modules_to_save, bias, base_model_name_or_path, task_type)
+    config = _config_to_peft(model, layers, factors, adapter_name, names, bias, base_model_name_or_path, task_type)
     fingerprint = {p: base_fingerprint(l) for p, l in layers.items()}
     metadata = {"format": "pt", FINGERPRINT_KEY: json.dumps(fingerprint, separators=(",", ":")),
                 SCALING_KEY: json.dumps({k: config[k] for k in _SCALING_FIELDS}, sort_keys=True)}
@@ -179,35 +194,48 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     return directory
 
 
-def _adapter_tensors(layers: dict[str, LoRALinear], adapter_name: str) -> dict[str, torch.Tensor]:
+def _unique_suffix(model: nn.Module, path: str) -> bool:
+    """Whether the last name of `path` selects that module alone under PEFT's modules_to_save rule."""
+    last = path.rpartition(".")[2]
+    return [p for p, _ in base_view_modules(model) if p.endswith(last)] == [path]
+
+
+def _adapter_tensors(layers: dict[str, LoRALinear], factors: dict, adapter_name: str) -> dict[str, torch.Tensor]:
     out = {}
     for path, layer in layers.items():
-        a = layer.adapters[adapter_name]
         names = (("lora_embedding_A", "lora_embedding_B") if isinstance(layer, LoRAEmbedding)
                  else ("lora_A.weight", "lora_B.weight"))
-        for name, t in zip(names, (a.lora_A, a.lora_B)):
+        for name, t in zip(names, factors[path]):
             if not torch.isfinite(t).all():
                 raise ValueError(f"adapter {adapter_name!r} at {path}: {name} holds NaN/Inf; refusing to save it")
             out[f"{PREFIX}{path}.{name}"] = t.detach().to("cpu").contiguous()
     return out
 
 
-def _extra_tensors(model: nn.Module, layers, modules_to_save, bias: str) -> dict[str, torch.Tensor]:
-    """Full tensors saved next to the factors, under PEFT's keys (clones: safetensors refuses shared memory)."""
+def _extra_tensors(model: nn.Module, layers, copies: dict[str, SavedModule], adapter_name: str, extra,
+                   bias: str) -> dict[str, torch.Tensor]:
+    """Full tensors saved next to the factors, under PEFT's keys (clones: safetensors refuses shared memory):
+    the adapter's copies of modules to save, modules named in `extra` as they are now, and trained biases."""
     out = {}
-    for m in modules_to_save or ():
-        found = [(p, mod) for p, mod in model.named_modules() if p == m or p.endswith("." + m)]
-        if not found:
+    for path, module in copies.items():
+        out.update({f"{PREFIX}{path}.{k}": v.detach().to("cpu").clone()
+                    for k, v in module.modules_to_save[adapter_name].state_dict().items()})
+    for m in extra:
+        found = [(p, mod) for p, mod in base_view_modules(model) if p.endswith(m) and p not in copies]
+        if not found and not any(p.endswith(m) for p in copies):
             raise ValueError(f"modules_to_save entry {m!r} matches no module in the model")
         for path, module in found:
+            module = module.in_use() if isinstance(module, SavedModule) else module
             out.update({f"{PREFIX}{path}.{k}": v.detach().to("cpu").clone()
-                        for k, v in module.state_dict().items()})
+                        for k, v in module.state_dict().items() if ".adapters." not in f".{k}"})
     if bias != "none":
-        for name, param in model.named_parameters():
-            owner = name.rpartition(".")[0]
-            if name.endswith(".bias") and ".adapters." not in name and (
-                    bias == "all" or owner.removesuffix(".base_layer") in layers):
-                out[PREFIX + name] = param.detach().to("cpu").clone()
+        for path, module in base_view_modules(model):
+            lora = isinstance(module, LoRALinear)
+            if isinstance(module, SavedModule) or not (bias == "all" or (lora and path in layers)):
+                continue
+            param = getattr(module.base_layer if lora else module, "bias", None)
+            if isinstance(param, nn.Parameter):
+                out[f"{PREFIX}{path}{'.base_layer' if lora else ''}.bias"] = param.detach().to("cpu").clone()
     return out
 
 
@@ -234,34 +262,40 @@ class LoadReport:
     path: str
     modules: int              # LoRA layers that received A and B
     tensors: int              # tensors read from the file
-    extra_tensors: int        # modules_to_save / bias / embedding tensors written into the model
+    extra_tensors: int        # modules_to_save / bias / embedding tensors loaded
     fingerprint: str
     config: LoraConfig
+    active: bool = True       # whether the adapter was activated
 
     def to_dict(self) -> dict:
         return {"adapter_name": self.adapter_name, "path": self.path, "modules": self.modules,
-                "tensors": self.tensors, "extra_tensors": self.extra_tensors, "fingerprint": self.fingerprint}
+                "tensors": self.tensors, "extra_tensors": self.extra_tensors, "fingerprint": self.fingerprint,
+                "active": self.active}
 
 
 @dataclass
 class _Plan:
     """Everything load_adapter will write, checked before the model is touched."""
     factors: dict          # module path -> (A (r, in), B (out, r))
-    extras: list           # [(key, model tensor, value)]
+    extras: list           # [(key, model tensor, value)]: written in place (biases, embedding weights)
     missing: list
     unexpected: list
     misshaped: list
+    saved: dict = None     # module to save path -> {state_dict key: value} for this adapter's own copy
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
                  strict: bool = True, check_fingerprint: bool = True, allow_pickle: bool = False,
-                 trainable: bool = False) -> LoadReport:
+                 trainable: bool = False, activate: bool | None = None) -> LoadReport:
     """Load an adapter saved by save_adapter or by PEFT's save_pretrained into `model` as `adapter_name`.
 
-    The new adapter becomes active alongside the others (as with add_lora); set_adapter(model, name) to use
-    it alone.  strict=False turns missing/unexpected tensors into warnings (shape and value errors always
-    raise).  trainable=False leaves its parameters frozen.  On any error the model is left as it was."""
-    others = check_new_adapter_name(model, adapter_name)
+    activate: None (default) activates the new adapter only if no adapter is active yet, so loading never
+    silently sums two adapters (PEFT's rule); True makes it the active adapter; False leaves it inactive
+    (set_adapter(model, name) later).  Modules to save in the file get a copy of their own for this adapter.
+    New layers take the mode (train/eval) of the modules they wrap.  strict=False turns missing/unexpected
+    tensors into warnings (shape and value errors always raise).  trainable=False leaves its parameters
+    frozen.  On any error the model is left as it was."""
+    check_new_adapter_name(model, adapter_name)
     directory = Path(directory)
     config, notes = _read_config(directory)
     targets = find_targets(model, config)
@@ -278,13 +312,12 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     for note in notes + ([f"skipping: {x}" for x in plan.missing + plan.unexpected] if not strict else []):
         warnings.warn(note, stacklevel=2)
     fingerprint = _check_fingerprint(modules, targets, metadata, check_fingerprint, source)
+    before = active_adapters(model)
     _apply(model, modules, config, adapter_name, targets, plan, trainable)
-    if plan.extras and others:
-        warnings.warn(f"adapter {adapter_name!r} wrote {len(plan.extras)} full tensors (modules_to_save / biases / "
-                      f"embeddings) into the model; unlike its A and B they are shared, so adapters {others} "
-                      f"now run with them too", stacklevel=2)
-    return LoadReport(adapter_name, str(source), len(plan.factors), len(tensors), len(plan.extras),
-                      fingerprint, config)
+    activate = not before if activate is None else activate
+    set_adapter(model, [adapter_name] if activate else before)
+    return LoadReport(adapter_name, str(source), len(plan.factors), len(tensors),
+                      len(plan.extras) + sum(len(v) for v in plan.saved.values()), fingerprint, config, activate)
 
 
 def _read_config(directory: Path) -> tuple[LoraConfig, list[str]]:
@@ -333,7 +366,8 @@ def _read_weights(directory: Path, allow_pickle: bool, device) -> tuple[Path, di
 
 
 def _plan(model: nn.Module, modules: dict, config: LoraConfig, targets: list[str], tensors: dict) -> _Plan:
-    plan = _Plan({}, [], [], [], [])
+    saved_paths = find_saved_targets(model, config)
+    plan = _Plan({}, [], [], [], [], {p: {} for p in saved_paths})
     found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}  # path -> {"A"/"B": (key, tensor)}
     floats = {k: v for k, v in tensors.items() if v.dtype in _FLOAT_DTYPES}
     plan.misshaped += [f"{k}: dtype {v.dtype}; adapter tensors must be float16/bfloat16/float32/float64"
@@ -341,7 +375,12 @@ def _plan(model: nn.Module, modules: dict, config: LoraConfig, targets: list[str
     plan.misshaped += [f"{k}: holds NaN/Inf (the adapter diverged or the file is corrupt)"
                        for k in _non_finite(floats)]
     for key, value in tensors.items():
-        match = _FACTOR.match(key.removeprefix(PREFIX))
+        rel = key.removeprefix(PREFIX)
+        owner = next((p for p in saved_paths if rel.startswith(p + ".")), None)
+        if owner is not None:
+            _plan_saved(plan, modules[owner], owner, key, rel[len(owner) + 1:], value)
+            continue
+        match = _FACTOR.match(rel)
         if match is None:
             _plan_extra(plan, model, modules, config, targets, key, value)
             continue
@@ -370,7 +409,36 @@ def _plan(model: nn.Module, modules: dict, config: LoraConfig, targets: list[str
                 plan.misshaped.append(f"{key}: file {tuple(value.shape)}, expected {want} (r={r} from the "
                                       f"config, in={in_f}, out={out_f} from the model)")
         plan.factors[path] = (got["A"][1], got["B"][1])
+    for path, values in plan.saved.items():
+        original = _original(modules[path])
+        plan.missing += [f"{PREFIX}{path}.{k}: part of module to save {path}, absent from the file"
+                         for k in original.state_dict() if k not in values]
     return plan
+
+
+def _original(module: nn.Module) -> nn.Module:
+    return module.original_module if isinstance(module, SavedModule) else module
+
+
+def _plan_saved(plan: _Plan, module: nn.Module, path: str, key: str, rest: str, value) -> None:
+    """A tensor of a module to save: this adapter's copy (`<path>.<name>`), or one of the two extra keys PEFT
+    writes with bias="all": `<path>.original_module.bias` (the original's own bias, written back into it, as
+    PEFT does) and `<path>.modules_to_save.bias` (a duplicate of `<path>.bias`, ignored as PEFT ignores it)."""
+    original = _original(module)
+    state = original.state_dict()
+    if rest in state:
+        if state[rest].shape != value.shape:
+            plan.misshaped.append(f"{key}: file {tuple(value.shape)}, model {tuple(state[rest].shape)}")
+        else:
+            plan.saved[path][rest] = value
+    elif rest.startswith("original_module.") and rest.removeprefix("original_module.") in state:
+        tensor = original.get_parameter(rest.removeprefix("original_module."))
+        if tensor.shape != value.shape:
+            plan.misshaped.append(f"{key}: file {tuple(value.shape)}, model {tuple(tensor.shape)}")
+        else:
+            plan.extras.append((key, tensor, value))
+    elif not (rest.startswith("modules_to_save.") and rest.removeprefix("modules_to_save.") in state):
+        plan.unexpected.append(f"{key}: {path} (a module to save) has no tensor {rest!r}")
 
 
 def _non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -390,24 +458,22 @@ def _is_embedding(module: nn.Module) -> bool:
 
 
 def _plan_extra(plan: _Plan, model, modules: dict, config: LoraConfig, targets, key: str, value) -> None:
-    """A full tensor PEFT saves next to the factors: modules_to_save weights, trained biases (bias != "none"),
-    or the weight of a targeted / resized embedding (PEFT's save_embedding_layers)."""
+    """A full tensor PEFT saves next to the factors and writes into the model itself: trained biases
+    (bias != "none"), or the weight of a targeted embedding / output head (PEFT's save_embedding_layers,
+    e.g. `lm_head.base_layer.weight` when lm_head is a target)."""
     rel = key.removeprefix(PREFIX)
     owner, _, leaf = rel.rpartition(".")
     wrapped = owner.removesuffix(".base_layer")
-    saved = config.modules_to_save or ()
     embeddings = {id(m) for m in (_call(model, "get_input_embeddings"), _call(model, "get_output_embeddings"))
                   if m is not None}
-    allowed = (any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", owner) for m in saved)
-               or (leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and wrapped in targets)))
-               or (leaf == "weight" and wrapped in targets and _is_embedding(modules[wrapped]))
-               or (leaf == "weight" and id(modules.get(owner)) in embeddings))
-    module = modules.get(owner)
-    if module is None and owner != wrapped:  # "x.base_layer.bias" in the file, x not wrapped yet
-        module = modules.get(wrapped)
-    tensor = getattr(module, leaf, None) if module is not None else None
-    if isinstance(module, LoRALinear) and leaf in ("weight", "bias"):
-        tensor = getattr(module.base_layer, leaf, None)
+    module = modules.get(wrapped)
+    allowed = ((leaf == "bias" and (config.bias == "all" or (config.bias == "lora_only" and wrapped in targets)))
+               or (leaf == "weight" and wrapped in targets and _is_embedding(module))
+               or (leaf == "weight" and module is not None and id(module) in embeddings))
+    if isinstance(module, LoRALinear):
+        module = module.base_layer
+    tensor = module._parameters.get(leaf) if module is not None and owner in (wrapped, wrapped + ".base_layer") \
+        else None
     if not allowed or not isinstance(tensor, torch.Tensor):
         why = "no such tensor in the model" if not isinstance(tensor, torch.Tensor) else \
             "neither a LoRA factor nor part of modules_to_save / bias in adapter_config.json"
@@ -476,20 +542,29 @@ def _check_fingerprint(modules: dict, targets: list[str], metadata: dict, check:
 def _apply(model: nn.Module, modules: dict, config: LoraConfig, name: str, targets: list[str], plan: _Plan,
            trainable: bool) -> None:
     """Inject and fill the adapter; on any exception undo everything and re-raise."""
-    pissa = config.init_lora_weights == "pissa"  # PEFT replays PiSSA on load: W0 becomes its SVD residual
-    base_backup = [(w, w.detach().clone()) for w in (_base_weight(modules[p]) for p in targets)] if pissa else []
-    done, extra_backup = [], []
+    replay = config.init_lora_weights in ("pissa", "olora")  # PEFT replays these on load: W0 becomes a residual
+    base_backup = [(w, w.detach().clone()) for w in (_base_weight(modules[p]) for p in targets)] if replay else []
+    done, copies, extra_backup = [], [], []
     try:
         for path in targets:
             module = modules[path]
             layer = module if isinstance(module, LoRALinear) else wrap_module(model, path, module)
             done.append((path, module, layer))
             _add_loaded(layer, name, config, path, plan.factors.get(path), trainable)
+        for path, values in plan.saved.items():
+            wrapper = wrap_saved(model, path)
+            copies.append((path, modules[path], wrapper))
+            with torch.no_grad():
+                wrapper.add_copy(name, trainable=trainable).load_state_dict(values, strict=False)
         with torch.no_grad():
             for _, tensor, value in plan.extras:
                 extra_backup.append((tensor, tensor.detach().clone()))
                 tensor.copy_(value)
     except BaseException:
+        for path, module, wrapper in reversed(copies):
+            wrapper.remove_copy(name)
+            if wrapper is not module:
+                set_module(model, path, module)
         for path, module, layer in reversed(done):
             layer.remove_adapter(name)
             if layer is not module:
@@ -509,9 +584,10 @@ def _add_loaded(layer: LoRALinear, name: str, config: LoraConfig, path: str, fac
     """Adapter `name` on `layer` holding the loaded factors (used as they are when the dtype already fits)."""
     r, alpha = config.rank_and_alpha(path)
     dropout = 0.0 if isinstance(layer, LoRAEmbedding) else config.lora_dropout
-    if factors is None or config.init_lora_weights == "pissa":  # init (PiSSA rewrites W0), then overwrite
+    replay = config.init_lora_weights in ("pissa", "olora") and not isinstance(layer, LoRAEmbedding)
+    if factors is None or replay:  # init (PiSSA / OLoRA rewrite W0), then overwrite A and B
         adapter = layer.add_adapter(name, r, alpha, lora_dropout=dropout, use_rslora=config.use_rslora,
-                                    init_lora_weights=config.init_lora_weights)
+                                    init_lora_weights=config.init_lora_weights, bias_mode=config.bias)
         if factors is not None:
             with torch.no_grad():
                 adapter.lora_A.copy_(factors[0])
@@ -520,6 +596,7 @@ def _add_loaded(layer: LoRALinear, name: str, config: LoraConfig, path: str, fac
         return
     base = _base_weight(layer)  # each layer's adapter lives where its base does (models may span devices)
     A, B = (t.to(device=base.device, dtype=adapter_dtype(base.dtype)) for t in factors)
-    layer.attach(name, LoRAAdapter.from_factors(A, B, alpha, lora_dropout=dropout, use_rslora=config.use_rslora,
-                                                requires_grad=trainable))
-
+    adapter = LoRAAdapter.from_factors(A, B, alpha, lora_dropout=dropout, use_rslora=config.use_rslora,
+                                       requires_grad=trainable)
+    adapter.bias_mode = config.bias
+    layer.attach(name, adapter)

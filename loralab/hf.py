@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from .files import load_adapter
-from .inject import lora_layers
-from .merge import merge_and_unload
+from .merge import merge_and_unload, untie_adapted_weights
 
 __all__ = ["load_local_model", "merge_model_dir"]
 
@@ -72,7 +71,7 @@ def merge_model_dir(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     ids = torch.randint(0, vocab, (2, probe_tokens), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(next(model.parameters()).device)
     before = _probe_output(model, ids)
-    untied = _untie_adapted_weights(model)
+    untied = untie_adapted_weights(model)
     if untied:
         say(f"untied {', '.join(untied)} from the adapted weights they shared, so merging changes only the "
             f"adapted layers")
@@ -85,27 +84,6 @@ def merge_model_dir(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     return {"out": str(out), "model_class": type(model).__name__, "adapter_modules": report.modules,
             "fingerprint": report.fingerprint, "untied": untied, "dtype": str(next(model.parameters()).dtype),
             "probe_shape": list(ids.shape), "max_abs_diff": diff}
-
-
-def _untie_adapted_weights(model: nn.Module) -> list[str]:
-    """Give every other holder of an adapted base weight its own copy; returns their paths.
-
-    GPT-2 and many small models tie lm_head.weight to the input embedding: merging an embedding adapter
-    into the shared tensor would silently change the output head too."""
-    owners = {id(layer.base_layer): layer.base_layer for layer in lora_layers(model).values()}
-    adapted = {id(p) for m in owners.values() for p in m.parameters(recurse=False)}
-    untied = []
-    for path, module in model.named_modules():
-        if id(module) in owners:
-            continue
-        for name, p in list(module.named_parameters(recurse=False)):
-            if id(p) in adapted:
-                setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
-                untied.append(f"{path}.{name}")
-    if untied:
-        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-            config.tie_word_embeddings = False  # or save_pretrained would drop the copy and re-tie on load
-    return untied
 
 
 def _save_atomic(model: nn.Module, model_dir: Path, out: Path) -> None:

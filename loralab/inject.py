@@ -3,7 +3,11 @@
 Target matching follows PEFT exactly, so the same `target_modules` select the same layers:
   * a string is a regex that must match the whole module path (`re.fullmatch`);
   * a list entry matches a path exactly or as a dotted suffix ("q_proj" matches "model.layers.0.self_attn.q_proj");
-  * "all-linear" takes every nn.Linear and GPT-2 Conv1D except the output head.
+  * "all-linear" takes every nn.Linear and GPT-2 Conv1D except the output head (`get_output_embeddings()`);
+  * layers_to_transform keeps suffix matches whose layer index is listed: the first number after
+    `layers_pattern.` (or, without a pattern, after the first "name." segment), as PEFT reads it; an exact
+    path in the list is taken whatever its layer, and a regex target cannot be combined with it;
+  * a module inside one of modules_to_save is never a LoRA target (it is trained in full instead).
 Nothing matching is an error that lists the candidate modules, never a silent no-op.
 
 add_lora plans every replacement before touching the model, so a bad config leaves the model unchanged.
@@ -18,14 +22,15 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import LoraConfig
-from .layer import LoRAEmbedding, LoRALinear, is_conv1d, module_dims, warn_if_rank_too_large
+from .layer import LoRAEmbedding, LoRALinear, embed_scale, is_conv1d, module_dims, warn_if_rank_too_large
+from .saved import SavedModule, find_saved, inside_saved, saved_modules
 
 __all__ = ["add_lora", "find_targets", "base_view_modules", "lora_layers", "trainable_report", "TrainableReport",
            "disable_lora", "set_adapter", "delete_adapter", "list_adapters", "mark_only_lora_trainable",
-           "check_new_adapter_name", "wrap_module", "set_module"]
+           "check_new_adapter_name", "wrap_module", "set_module", "active_adapters", "wrap_saved"]
 
+_INIT_NAMES = {"pissa": "PiSSA", "olora": "OLoRA"}
 SUPPORTED = "nn.Linear, nn.Embedding, transformers Conv1D (GPT-2), or a quantized linear base"
-_DEFAULT_LAYER_NAMES = ("layers", "h", "layer", "blocks", "block")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -46,23 +51,25 @@ def _matches(spec, path: str) -> bool:
 
 
 def _layer_index(path: str, layers_pattern) -> int | None:
-    names = (layers_pattern,) if isinstance(layers_pattern, str) else (layers_pattern or _DEFAULT_LAYER_NAMES)
-    for name in names:
-        found = re.search(rf"(?:^|\.){re.escape(name)}\.(\d+)(?:\.|$)", path)
-        if found:
-            return int(found.group(1))
-    return None
+    """The layer number of `path` as PEFT reads it: the first number after one of `layers_pattern` (each a
+    regex, tried in order), or without a pattern the first "<name>.<number>." after the first segment.
+    "encoder.block.0.layer.1.DenseReluDense.wi" is layer 0."""
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = (layers_pattern,) if isinstance(layers_pattern, str) else layers_pattern
+        found = next((m for p in patterns if (m := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", path))), None)
+    return int(found["idx"]) if found else None
 
 
 def _output_head_paths(model: nn.Module) -> set[str]:
-    """The output projection that "all-linear" leaves alone (PEFT does the same)."""
-    heads = set()
+    """The output projection that "all-linear" leaves alone (`get_output_embeddings()`, as PEFT does)."""
     get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    for path, module in model.named_modules():
-        if (head is not None and module is head) or path.split(".")[-1] == "lm_head":
-            heads.add(path)
-    return heads
+    try:
+        head = get_out() if callable(get_out) else None
+    except (NotImplementedError, AttributeError):
+        head = None
+    return {path for path, module in model.named_modules() if head is not None and module is head}
 
 
 def _candidates(model: nn.Module, limit: int = 40) -> str:
@@ -76,16 +83,32 @@ def _candidates(model: nn.Module, limit: int = 40) -> str:
 
 
 def base_view_modules(model: nn.Module):
-    """(path, module) as the base model has them: a LoRA layer stands for the module it wraps, and its
-    base_layer/adapters are not listed.  The root (path "") is left out."""
+    """(path, module) as the base model has them: a LoRA layer or a module to save stands for the module it
+    wraps, and its internals (base_layer, adapters, copies) are not listed.  The root (path "") is left out."""
     skip_below = None
     for path, module in model.named_modules():
         if skip_below is not None and path.startswith(skip_below):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, (LoRALinear, SavedModule)):
             skip_below = path + "."
         if path:
             yield path, module
+
+
+def _selected(config: LoraConfig, path: str, heads: set[str]) -> bool:
+    """Whether `config` puts a LoRA adapter on the module at `path` (PEFT's rule, in PEFT's order)."""
+    if _matches(config.exclude_modules, path) or inside_saved(path, config.saved_names()):
+        return False
+    spec = config.target_modules
+    if isinstance(spec, str):
+        return path not in heads if spec == "all-linear" else re.fullmatch(spec, path) is not None
+    if path in spec:
+        return True  # an exact path is taken whatever layers_to_transform says (PEFT's rule)
+    if not any(path.endswith("." + name) for name in spec):
+        return False
+    if config.layers_to_transform is None:
+        return True
+    return _layer_index(path, config.layers_pattern) in config.layers_to_transform
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -98,53 +121,94 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                          + _candidates(model))
     all_linear = spec == "all-linear"
     heads = _output_head_paths(model) if all_linear else set()
-    saved = config.modules_to_save or ()
     targets = []
     for path, module in base_view_modules(model):
         if all_linear:
             base = module.base_layer if isinstance(module, LoRALinear) else module
-            hit = _is_linear_like(base) and path not in heads
-        else:
-            hit = _matches(spec, path)
-        if not hit or _matches(config.exclude_modules, path) or _matches(saved, path):
-            continue
-        if config.layers_to_transform is not None:
-            index = _layer_index(path, config.layers_pattern)
-            if index is None or index not in config.layers_to_transform:
+            if not _is_linear_like(base):
                 continue
+        if not _selected(config, path, heads):
+            continue
+        if isinstance(module, SavedModule):
+            raise TypeError(f"target {path!r} is trained in full for adapter(s) {list(module.modules_to_save)} "
+                            f"(modules_to_save), so it cannot also take a LoRA adapter; leave it out of "
+                            f"target_modules")
         if not (isinstance(module, (LoRALinear, nn.Embedding)) or _is_linear_like(module)):
             raise TypeError(f"target {path!r} is a {type(module).__name__}, which LoRA cannot wrap; "
                             f"supported: {SUPPORTED}. Narrow target_modules to the layers inside it.")
+        if isinstance(module, nn.Embedding):
+            embed_scale(module)  # refuses an embedding whose scale is not a scalar
         targets.append(path)
     if not targets:
         raise ValueError(f"target_modules={spec!r} matched no module (after exclude_modules / "
-                         f"layers_to_transform). A string is a regex over the full path; a list entry "
-                         f"matches a path or its dotted suffix. Candidates:\n" + _candidates(model))
+                         f"layers_to_transform / modules_to_save). A string is a regex over the full path; a list "
+                         f"entry matches a path or its dotted suffix. Candidates:\n" + _candidates(model))
     return targets
 
 
+def find_saved_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules `config` trains in full (modules_to_save, and the heads its task_type adds).
+    Refuses a module to save that holds LoRA layers, or one nested in another module to save."""
+    names = config.saved_names()
+    if not names:
+        return []
+    found = find_saved([p for p, _ in base_view_modules(model)], names)
+    for path in found:
+        module = model.get_submodule(path)
+        inner = [p for p, m in module.named_modules() if isinstance(m, LoRALinear)]
+        if inner:
+            raise ValueError(f"modules_to_save selects {path!r}, which holds LoRA layers ({path}.{inner[0]}...) of "
+                             f"adapters {list_adapters(module)}; a module trained in full cannot contain adapters. "
+                             f"Save a different module, or delete those adapters first.")
+        outer = [p for p in found if p != path and path.startswith(p + ".")]
+        if outer:
+            raise ValueError(f"modules_to_save selects both {outer[0]!r} and {path!r} inside it; name only one")
+    if config.modules_to_save and not find_saved(found, config.modules_to_save):
+        raise ValueError(f"modules_to_save={list(config.modules_to_save)} matches no module (a name matches the "
+                         f"end of a module path). Candidates:\n" + _candidates(model))
+    return found
+
+
 def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Inject adapter `adapter_name` into `model` in place (and return it); freeze all but adapters,
-    modules_to_save and the biases `config.bias` asks for.  The new adapter becomes active."""
+    """Inject adapter `adapter_name` into `model` in place (and return it) and make it the active adapter.
+
+    Everything else is frozen: the base, other adapters (which stay in the model, inactive) and the modules
+    the config does not train; modules_to_save get a trainable copy of their own for this adapter, and the
+    biases `config.bias` names train.  The model remembers both, so save_adapter saves them."""
     check_new_adapter_name(model, adapter_name)
     targets = find_targets(model, config)
+    saved = find_saved_targets(model, config)
     plan = []
     for path in targets:  # plan everything first: nothing changes if any check fails
         module = model.get_submodule(path)
         in_f, out_f = module_dims(module)
         r, alpha = config.rank_and_alpha(path)
-        if config.init_lora_weights == "pissa" and r > min(in_f, out_f):
-            raise ValueError(f"{path}: PiSSA takes the top r={r} singular directions of W0, which has only "
-                             f"min(in={in_f}, out={out_f}) = {min(in_f, out_f)}; lower r (rank_pattern) or "
+        if config.init_lora_weights in ("pissa", "olora") and r > min(in_f, out_f) \
+                and not isinstance(module, (nn.Embedding, LoRAEmbedding)):
+            raise ValueError(f"{path}: {_INIT_NAMES[config.init_lora_weights]} takes the top r={r} directions of W0, which has "
+                             f"only min(in={in_f}, out={out_f}) = {min(in_f, out_f)}; lower r (rank_pattern) or "
                              f"exclude this module")
         warn_if_rank_too_large(path, r, in_f, out_f)
         plan.append((path, module, r, alpha))
     for path, module, r, alpha in plan:
         layer = module if isinstance(module, LoRALinear) else wrap_module(model, path, module)
         layer.add_adapter(adapter_name, r, alpha, lora_dropout=config.lora_dropout,
-                          use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights)
+                          use_rslora=config.use_rslora, init_lora_weights=config.init_lora_weights,
+                          bias_mode=config.bias)
+    for path in saved:
+        wrap_saved(model, path).add_copy(adapter_name)
+    set_adapter(model, adapter_name)
     mark_only_lora_trainable(model, config, adapter_name)
     return model
+
+
+def wrap_saved(model: nn.Module, path: str) -> SavedModule:
+    """The SavedModule at `path`, wrapping the module there first if needed."""
+    module = model.get_submodule(path)
+    if not isinstance(module, SavedModule):
+        module = SavedModule(module).train(module.training)
+        set_module(model, path, module)
+    return module
 
 
 def check_new_adapter_name(model: nn.Module, adapter_name: str) -> list[str]:
@@ -159,9 +223,10 @@ def check_new_adapter_name(model: nn.Module, adapter_name: str) -> list[str]:
 
 
 def wrap_module(model: nn.Module, path: str, module: nn.Module) -> LoRALinear:
-    """Replace the module at `path` by a LoRA layer around it (no adapter yet) and return that layer."""
+    """Replace the module at `path` by a LoRA layer around it (no adapter yet) and return that layer.
+    The layer takes the module's train/eval mode, so a model in eval() stays in eval."""
     layer = LoRAEmbedding(module) if isinstance(module, nn.Embedding) else LoRALinear(module)
-    set_module(model, path, layer)
+    set_module(model, path, layer.train(module.training))
     return layer
 
 
@@ -173,24 +238,23 @@ def set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def mark_only_lora_trainable(model: nn.Module, config: LoraConfig | None = None,
                              adapter_name: str | None = None) -> None:
-    """requires_grad only for adapter A/B, modules_to_save, and the biases config.bias names.
-    With `adapter_name`, only that adapter is switched on; other adapters keep their own setting (an adapter
-    loaded frozen stays frozen)."""
+    """requires_grad only for adapter A/B, copies in modules to save, and the biases config.bias names.
+    With `adapter_name`, only that adapter (its A/B and its copies) trains; every other adapter is frozen."""
     bias = config.bias if config else "none"
-    saved = (config.modules_to_save or ()) if config else ()
     for name, param in model.named_parameters():
-        if ".adapters." not in f".{name}":
-            param.requires_grad = False
-        elif adapter_name is None or f".adapters.{adapter_name}." in f".{name}":
-            param.requires_grad = True
-    layers = lora_layers(model)
-    for path, module in model.named_modules():
-        if path and _matches(saved, path):
-            module.requires_grad_(True)
-        if bias == "all" or (bias == "lora_only" and path in layers):
-            base = module.base_layer if path in layers else module
-            if getattr(base, "bias", None) is not None:
-                base.bias.requires_grad = True
+        key = f".{name}"
+        own = (f".adapters.{adapter_name}." in key or f".modules_to_save.{adapter_name}." in key) \
+            if adapter_name is not None else (".adapters." in key or ".modules_to_save." in key)
+        param.requires_grad = own
+    if bias == "none":
+        return
+    for _, module in base_view_modules(model):  # LoRA layers stand for their base; copies train whole already
+        if isinstance(module, SavedModule):
+            continue
+        lora = isinstance(module, LoRALinear) and (adapter_name is None or adapter_name in module.adapters)
+        base = module.base_layer if isinstance(module, LoRALinear) else module
+        if (bias == "all" or lora) and isinstance(getattr(base, "bias", None), nn.Parameter):
+            base.bias.requires_grad = True
 
 
 @dataclass(frozen=True)
@@ -239,24 +303,43 @@ def trainable_report(model: nn.Module) -> TrainableReport:
 def list_adapters(model: nn.Module) -> list[str]:
     """Adapter names present in the model, in order of creation."""
     names: dict[str, None] = {}
-    for layer in lora_layers(model).values():
-        names.update(dict.fromkeys(layer.adapters))
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            names.update(dict.fromkeys(module.adapters))
+        elif isinstance(module, SavedModule):
+            names.update(dict.fromkeys(module.modules_to_save))
     return list(names)
 
 
+def active_adapters(model: nn.Module) -> list[str]:
+    """The adapters that compute the model's output now, in order of creation."""
+    active = {n for layer in lora_layers(model).values() for n in layer.active}
+    active |= {m.active for m in saved_modules(model).values() if m.active is not None}
+    return [n for n in list_adapters(model) if n in active]
+
+
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
-    """Make `names` the active adapter(s) on every layer that has them (others go inactive)."""
+    """Make `names` the active adapter(s) on every layer that has them (others go inactive).  Several
+    adapters are summed; each module to save runs the copy of the one named adapter that has one."""
     names = (names,) if isinstance(names, str) else tuple(names)
     known = list_adapters(model)
     missing = [n for n in names if n not in known]
     if missing:
         raise KeyError(f"no adapter named {missing}; the model has {known}")
+    saved = saved_modules(model)
+    for path, module in saved.items():
+        holders = [n for n in names if n in module.modules_to_save]
+        if len(holders) > 1:
+            raise ValueError(f"adapters {holders} each train their own copy of {path} (modules_to_save); only one "
+                             f"copy can compute the output, so they cannot be active together")
     for layer in lora_layers(model).values():
         layer.set_active(tuple(n for n in names if n in layer.adapters))
+    for module in saved.values():
+        module.active = next((n for n in names if n in module.modules_to_save), None)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` everywhere (unmerging it first if it was merged)."""
+    """Remove adapter `name` everywhere (its A/B and its copies of modules to save)."""
     if name not in list_adapters(model):
         raise KeyError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
     layers = lora_layers(model).values()
@@ -264,22 +347,27 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise RuntimeError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
     for layer in layers:
         layer.remove_adapter(name)
+    for path, module in saved_modules(model).items():
+        module.remove_copy(name)
+        if not module.modules_to_save:  # no adapter trains it any more: the plain module again
+            set_module(model, path, module.original_module)
 
 
 @contextlib.contextmanager
 def disable_lora(model: nn.Module):
-    """Inside the block the model computes exactly its base outputs.  Adapters must be unmerged
-    (a merged delta lives inside W0 and cannot be switched off exactly)."""
+    """Inside the block the model computes exactly its base outputs (modules to save run their originals).
+    Adapters must be unmerged (a merged delta lives inside W0 and cannot be switched off exactly)."""
     layers = lora_layers(model)
     merged = [p for p, l in layers.items() if any(a.merged for a in l.adapters.values())]
     if merged:
         raise RuntimeError(f"{len(merged)} layers have merged adapters (e.g. {merged[0]}); "
                            f"call unmerge(model) before disable_lora")
-    before = {p: l.disabled for p, l in layers.items()}
+    switches = list(layers.values()) + list(saved_modules(model).values())
+    before = [m.disabled for m in switches]
     try:
-        for layer in layers.values():
-            layer.disabled = True
+        for module in switches:
+            module.disabled = True
         yield model
     finally:
-        for p, layer in layers.items():
-            layer.disabled = before[p]
+        for module, was in zip(switches, before):
+            module.disabled = was

@@ -54,16 +54,24 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 class LoRAAdapter(nn.Module):
-    """One adapter: A (r, in), B (out, r), scaling, dropout probability and whether it is merged."""
+    """One adapter: A (r, in), B (out, r), scaling, dropout probability and whether it is merged.
+
+    bias_mode: which biases train along with it ("none" / "all" / "lora_only"), so saving it needs no repeat.
+    An init that rewrites W0 (PiSSA, OLoRA: W0 <- W0 - scaling·B0·A0) keeps its initial factors in the
+    non-persistent buffers init_A / init_B: the trained update relative to the original W0 is then
+    scaling·(B·A - B0·A0), which is what a file for other tools must hold."""
 
     def __init__(self, in_features: int, out_features: int, r: int, lora_alpha: float, *,
                  lora_dropout: float = 0.0, use_rslora: bool = False, device=None, dtype=None,
-                 factors: tuple[torch.Tensor, torch.Tensor] | None = None):
+                 factors: tuple[torch.Tensor, torch.Tensor] | None = None, bias_mode: str = "none"):
         super().__init__()
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.lora_dropout = float(lora_dropout)
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
         self.merged = False
+        self.bias_mode = bias_mode
+        self.register_buffer("init_A", None, persistent=False)  # (r, in), only after a W0-rewriting init
+        self.register_buffer("init_B", None, persistent=False)  # (out, r)
         if factors is None:
             A = torch.empty(r, in_features, device=device, dtype=dtype)
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # nn.Linear's own init, as in the paper's code
@@ -84,6 +92,20 @@ class LoRAAdapter(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """ΔW in float32, (out, in)."""
         return delta_weight(self.lora_A, self.lora_B, self.scaling)
+
+    def keep_init(self) -> None:
+        """Record the current A, B as the init that was subtracted from W0 (PiSSA / OLoRA)."""
+        self.init_A = self.lora_A.detach().clone()
+        self.init_B = self.lora_B.detach().clone()
+
+    def update_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (r', in), B (out, r')) with scaling·B·A = this adapter's change of the *original* W0:
+        A, B themselves, or for an init that rewrote W0, the rank-2r [A; A0], [B, -B0]
+        (scaling·(B·A - B0·A0), PEFT's own conversion)."""
+        A, B = self.lora_A.detach(), self.lora_B.detach()
+        if self.init_A is None:
+            return A, B
+        return torch.cat([A, self.init_A.to(A)], 0), torch.cat([B, -self.init_B.to(B)], 1)
 
     def extra_repr(self) -> str:
         out, r = self.lora_B.shape
@@ -108,16 +130,28 @@ class LoRALinear(nn.Module):
         self.fan_in_fan_out = is_conv1d(base_layer) or isinstance(base_layer, nn.Embedding)
         self.in_features, self.out_features = module_dims(base_layer)
 
+    def __getattr__(self, name: str):
+        """Attributes the wrapper does not have are the wrapped layer's (`.weight`, `.bias`, `.nf`, ...): models
+        read them (T5 reads `self.wo.weight.dtype`), and PEFT answers them the same way."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     # ---- adapters --------------------------------------------------------------------------------------
     def add_adapter(self, name: str, r: int, lora_alpha: float, *, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool | str = True, dtype=None) -> LoRAAdapter:
+                    use_rslora: bool = False, init_lora_weights: bool | str = True, dtype=None,
+                    bias_mode: str = "none") -> LoRAAdapter:
         """Create adapter `name` and make it active.  dtype defaults to float32 under a half-precision
         base (adapter updates are too small for bf16/fp16) and to the base dtype otherwise."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
         weight = self.dense_weight()
         adapter = LoRAAdapter(self.in_features, self.out_features, r, lora_alpha, lora_dropout=lora_dropout,
-                              use_rslora=use_rslora, device=weight.device, dtype=dtype or adapter_dtype(weight.dtype))
+                              use_rslora=use_rslora, device=weight.device, dtype=dtype or adapter_dtype(weight.dtype),
+                              bias_mode=bias_mode)
         self._init_adapter(adapter, init_lora_weights)
         return self.attach(name, adapter)
 
@@ -125,7 +159,7 @@ class LoRALinear(nn.Module):
         """Add an existing adapter under `name` (active unless active=False)."""
         if name in self.adapters:
             raise ValueError(f"adapter {name!r} already exists on this layer; pick another adapter_name")
-        self.adapters[name] = adapter
+        self.adapters[name] = adapter.train(self.training)  # a new adapter follows the layer's train/eval mode
         if active:
             self.active = self.active + (name,)
         return adapter
@@ -147,22 +181,43 @@ class LoRALinear(nn.Module):
                 nn.init.normal_(adapter.lora_A, std=1.0 / adapter.r)
             elif init is False:  # both random: the model no longer starts as the base (PEFT's meaning)
                 nn.init.kaiming_uniform_(adapter.lora_B, a=math.sqrt(5))
-            elif init == "pissa":
-                self._init_pissa(adapter)
+            elif init == "orthogonal":
+                self._init_orthogonal(adapter)
+            elif init in ("pissa", "olora"):
+                (self._init_pissa if init == "pissa" else self._init_olora)(adapter)
+                self.set_dense_weight(self.dense_weight().float() - adapter.delta_weight())
+                adapter.keep_init()
             else:
                 raise ValueError(f"init_lora_weights={init!r} is not supported")
 
     def _init_pissa(self, adapter: LoRAAdapter) -> None:
-        """PiSSA (Meng et al. 2024, arXiv:2404.02948): A, B from the top-r singular triplets of W0, and
-        W0 replaced by the residual, so the output is unchanged at init but training starts on W0's
-        principal directions."""
-        W = self.dense_weight().float()                      # (out, in)
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        """PiSSA (Meng et al. 2024, arXiv:2404.02948): A, B from the top-r singular triplets of W0 (and W0
+        replaced by the residual), so the output is unchanged at init but training starts on W0's principal
+        directions."""
+        U, S, Vh = torch.linalg.svd(self.dense_weight().float(), full_matrices=False)   # W0: (out, in)
         r = adapter.r
         root = (S[:r] / adapter.scaling).sqrt()
         adapter.lora_A.copy_((root[:, None] * Vh[:r]).to(adapter.lora_A.dtype))  # (r, in)
         adapter.lora_B.copy_((U[:, :r] * root[None, :]).to(adapter.lora_B.dtype))  # (out, r)
-        self.set_dense_weight(W - adapter.delta_weight())
+
+    def _init_olora(self, adapter: LoRAAdapter) -> None:
+        """OLoRA (Büyükakyüz 2024, arXiv:2406.01775): W0 = Q·R, B = Q[:, :r], A = R[:r] (and W0 replaced by
+        W0 - scaling·B·A), as PEFT computes it."""
+        Q, R = torch.linalg.qr(self.dense_weight().float())       # (out, k), (k, in)
+        adapter.lora_A.copy_(R[:adapter.r].to(adapter.lora_A.dtype))
+        adapter.lora_B.copy_(Q[:, :adapter.r].to(adapter.lora_B.dtype))
+
+    def _init_orthogonal(self, adapter: LoRAAdapter) -> None:
+        """PEFT's "orthogonal" init: A's rows and B's columns drawn on the two halves of one random orthogonal
+        r×r basis (r even), scaled by 1/10, so B·A = 0 at init while both factors are non-zero."""
+        r = adapter.r
+        if r % 2:
+            raise ValueError(f"init_lora_weights='orthogonal' needs an even r, got r={r}")
+        Q, _ = torch.linalg.qr(torch.randn(r, r))
+        A = torch.randn(self.in_features, r // 2).mm(Q[0::2]).T / 10.0                # (r, in)
+        B = torch.randn(r // 2, self.out_features).T.mm(Q[1::2]) / 10.0              # (out, r)
+        adapter.lora_A.copy_(A.to(adapter.lora_A))
+        adapter.lora_B.copy_(B.to(adapter.lora_B))
 
     def set_active(self, names: tuple[str, ...]) -> None:
         missing = [n for n in names if n not in self.adapters]
@@ -247,7 +302,7 @@ def _add_lora(out: torch.Tensor, x: torch.Tensor, adapter: LoRAAdapter, training
         x = torch.where(keep, x, 0.0)   # dropout's 1/(1-p) rescale rides on the narrow (..., r) product below
         scale = scale / kept
     h = F.linear(x, A) * scale                                             # (..., r)
-    if out.dtype == h.dtype and out.dim() >= 2 and out.is_contiguous():
+    if out.dtype == h.dtype == B.dtype and out.dim() >= 2 and out.is_contiguous():  # (autocast casts only F.linear)
         out2d, h2d = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
         if inplace:
             return out2d.addmm_(h2d, B.T).view(out.shape)
@@ -270,16 +325,20 @@ def _keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
 
 class LoRAEmbedding(LoRALinear):
     """LoRA on nn.Embedding: ids (...) -> (..., dim).  A: (r, num_embeddings), B: (dim, r).
-    Dropout is not applied (the input is ids)."""
+
+    Dropout is not applied (the input is ids).  An embedding that scales its own lookup (Gemma's, BART's
+    `embed_scale`) scales the adapter's term the same way, so unmerged == merged == PEFT."""
 
     def add_adapter(self, name, r, lora_alpha, *, lora_dropout=0.0, use_rslora=False,
-                    init_lora_weights=True, dtype=None):
+                    init_lora_weights=True, dtype=None, bias_mode="none"):
         adapter = super().add_adapter(name, r, lora_alpha, lora_dropout=0.0, use_rslora=use_rslora,
-                                      init_lora_weights=init_lora_weights, dtype=dtype)
-        if init_lora_weights in (True, "gaussian"):
-            with torch.no_grad():  # A = 0, B ~ N(0, 1): a lookup into A starts at zero (PEFT's convention)
+                                      init_lora_weights=True, dtype=dtype, bias_mode=bias_mode)
+        with torch.no_grad():  # PEFT's embedding inits: A = 0, B ~ N(0, 1) (a lookup into A starts at zero)
+            if init_lora_weights is False:   # ... or both N(0, 1): not an identity start
+                nn.init.normal_(adapter.lora_A)
+            else:
                 nn.init.zeros_(adapter.lora_A)
-                nn.init.normal_(adapter.lora_B)
+            nn.init.normal_(adapter.lora_B)
         return adapter
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -287,14 +346,34 @@ class LoRAEmbedding(LoRALinear):
         if self.disabled:
             return out
         base = self.base_layer
+        scale = embed_scale(base)
         for name in self.active:
             adapter = self.adapters[name]
             if adapter.merged:
                 continue
             h = F.embedding(ids, adapter.lora_A.T, base.padding_idx, base.max_norm, base.norm_type,
                             base.scale_grad_by_freq, base.sparse)          # (..., r)
-            out = out + (F.linear(h, adapter.lora_B) * adapter.scaling).to(out.dtype)
+            term = F.linear(h, adapter.lora_B) * adapter.scaling            # (..., dim)
+            if scale is not None:
+                term = term * scale.to(term.dtype)
+            out = out + term.to(out.dtype)
         return out
+
+
+def embed_scale(embedding: nn.Module) -> torch.Tensor | None:
+    """The scalar an embedding module multiplies its lookup by in its own forward (`embed_scale`, as in
+    Gemma's and BART's scaled embeddings), or None.  A non-scalar embed_scale is refused: what it does to the
+    lookup cannot be known, so adapting this module would give an unknown answer."""
+    value = getattr(embedding, "embed_scale", None)
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return torch.tensor(float(value), device=embedding.weight.device)
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.reshape(())
+    raise TypeError(f"{type(embedding).__name__}.embed_scale has shape {tuple(getattr(value, 'shape', ()))}; "
+                    f"loralab adapts embeddings whose forward multiplies the lookup by a scalar only. Leave this "
+                    f"embedding out of target_modules.")
 
 
 def module_dims(base: nn.Module) -> tuple[int, int]:

@@ -3,7 +3,9 @@
     merge:    W' = W0 + (α/r)·B·A        unmerge:  W0 = W' - (α/r)·B·A
 
 Computed in float32 and cast back to the base dtype (so bf16/fp16 bases lose at most one rounding), and
-refusing to write NaN/Inf.  Every layer is checked before any weight changes, so an error leaves the model
+refusing to write NaN/Inf.  A base weight shared with another module (GPT-2's and Gemma's lm_head is the input
+embedding's tensor) is untied first: the other module gets its own copy, so merging changes only what the
+adapter changed and merged == unmerged.  Every layer is checked before any weight changes, so an error leaves the model
 as it was.  In fp32, unmerge restores W0 to within float rounding; in half precision it cannot be exact,
 which is why unmerging a half-precision base warns.
 """
@@ -16,8 +18,9 @@ import torch
 from torch import nn
 
 from .inject import list_adapters, lora_layers, set_module
+from .saved import saved_modules
 
-__all__ = ["merge", "unmerge", "merge_and_unload"]
+__all__ = ["merge", "unmerge", "merge_and_unload", "untie_adapted_weights"]
 
 
 def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
@@ -35,6 +38,7 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.
                                f"add ΔW twice. Call unmerge(model) first.")
         _check_finite(path, layer, todo)
         plan.append((layer, todo))
+    untie_adapted_weights(model)
     for layer, todo in plan:
         layer.merge(todo)
     return model
@@ -54,8 +58,9 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.Module:
-    """Merge (active or named adapters) and put the plain base layers back: no LoRA module remains.
-    Adapters not merged are dropped.  Returns the model (changed in place)."""
+    """Merge (active or named adapters) and put the plain base layers back: no LoRA module remains, and each
+    module to save is replaced by the active adapter's copy.  Adapters not merged are dropped.  Returns the
+    model (changed in place)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("the model has no LoRA layers; nothing to merge and unload")
@@ -64,11 +69,37 @@ def merge_and_unload(model: nn.Module, adapter_names: str | list[str] | None = N
             for path, layer in layers.items()}
     for path, todo in plan.items():
         _check_finite(path, layers[path], todo)
+    untie_adapted_weights(model)
     for path, layer in layers.items():
         layer.merge(plan[path])  # skips adapters already merged
     for path, layer in layers.items():
         set_module(model, path, layer.base_layer)
+    for path, module in saved_modules(model).items():  # a module to save: the active adapter's copy stays
+        set_module(model, path, module.in_use())
     return model
+
+
+def untie_adapted_weights(model: nn.Module) -> list[str]:
+    """Give every other holder of an adapted base weight its own copy; returns their paths.
+
+    GPT-2 and many small models tie lm_head.weight to the input embedding: merging an embedding adapter
+    into the shared tensor would silently change the output head too."""
+    owners = {id(layer.base_layer): layer.base_layer for layer in lora_layers(model).values()}
+    adapted = {id(p) for m in owners.values() for p in m.parameters(recurse=False)}
+    untied = []
+    for path, module in model.named_modules():
+        if id(module) in owners:
+            continue
+        for name, p in list(module.named_parameters(recurse=False)):
+            if id(p) in adapted:
+                setattr(module, name, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+                untied.append(f"{path}.{name}")
+    config = getattr(model, "config", None)
+    if untied and config is not None:
+        get_text = getattr(config, "get_text_config", None)
+        for c in {id(c): c for c in (config, get_text() if callable(get_text) else config)}.values():
+            c.tie_word_embeddings = False  # or save_pretrained would drop the copy and re-tie on load
+    return untied
 
 
 def _check_finite(path: str, layer, names) -> None:

@@ -7,7 +7,7 @@ from loralab import LoraConfig
     (dict(r=0), "r"), (dict(r=-3), "r"), (dict(r=2.5), "r"), (dict(r=True), "r"),
     (dict(lora_alpha=0), "lora_alpha"), (dict(lora_alpha=-1), "lora_alpha"),
     (dict(lora_dropout=1.0), "lora_dropout"), (dict(lora_dropout=-0.1), "lora_dropout"),
-    (dict(init_lora_weights="olora"), "init_lora_weights"), (dict(init_lora_weights=2), "init_lora_weights"),
+    (dict(init_lora_weights="corda"), "init_lora_weights"), (dict(init_lora_weights=2), "init_lora_weights"),
     (dict(bias="some"), "bias"),
     (dict(target_modules="q_proj("), "target_modules"),
     (dict(rank_pattern={"q_proj": 0}), "rank_pattern"),

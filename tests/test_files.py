@@ -158,8 +158,10 @@ def test_modules_to_save_and_biases_travel_with_the_adapter(tmp_path, ids):
     assert report.extra_tensors == 4  # ln_f weight and bias, the c_attn bias of both blocks
     assert torch.equal(_logits(fresh, ids), _logits(model, ids))
     assert fresh.transformer.ln_f.weight.requires_grad
-    with pytest.warns(UserWarning, match=r"wrote 4 full tensors .* shared, so adapters \['default'\]"):
-        load_adapter(fresh, tmp_path, "second")
+    # a module to save is loaded into a copy of its own: the base's ln_f is untouched
+    assert torch.equal(fresh.transformer.ln_f.original_module.weight, tiny_gpt2().transformer.ln_f.weight)
+    load_adapter(fresh, tmp_path, "second")
+    assert list(fresh.transformer.ln_f.modules_to_save) == ["default", "second"]
 
 
 def test_atomic_save_keeps_the_previous_adapter_when_writing_fails(tmp_path, monkeypatch, ids):
@@ -406,7 +408,7 @@ def test_pickle_files_are_refused_unless_opted_in_and_then_tensors_only(tmp_path
 
 
 @pytest.mark.parametrize("field, value", [
-    ("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]), ("init_lora_weights", "olora"),
+    ("use_dora", True), ("lora_bias", True), ("layer_replication", [[0, 1]]), ("init_lora_weights", "corda"),
     ("init_lora_weights", "pissa_niter_4"), ("peft_type", "IA3"), ("target_parameters", ["experts.w"]),
 ])
 def test_fields_that_change_the_math_are_refused(field, value, tmp_path):
@@ -522,3 +524,20 @@ def test_config_from_another_save_is_refused_even_when_shapes_fit(tmp_path):
     with pytest.raises(ValueError, match="different saves"):
         load_adapter(fresh, tmp_path / "ad")
     assert not any("adapters" in k for k in fresh.state_dict())
+
+
+def test_what_add_lora_trains_is_saved_without_being_repeated(tmp_path, ids):
+    model = add_lora(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], modules_to_save=["ln_f"], bias="all",
+                                             init_lora_weights=False))
+    with torch.no_grad():
+        model.transformer.ln_f.modules_to_save["default"].weight.add_(0.5)
+        model.transformer.h[1].mlp.c_fc.bias.add_(0.25)
+    save_adapter(model, tmp_path)
+    tensors, _ = _read(tmp_path)
+    assert _config(tmp_path)["modules_to_save"] == ["ln_f"] and _config(tmp_path)["bias"] == "all"
+    assert "base_model.model.transformer.ln_f.weight" in tensors
+    assert "base_model.model.transformer.h.1.mlp.c_fc.bias" in tensors
+    assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in tensors
+    fresh = tiny_gpt2()
+    load_adapter(fresh, tmp_path)
+    assert torch.equal(_logits(fresh, ids), _logits(model, ids))

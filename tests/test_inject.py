@@ -154,7 +154,8 @@ def test_bias_and_modules_to_save_are_trainable_when_asked():
     add_lora(model, LoraConfig(r=2, target_modules=["0"], bias="lora_only", modules_to_save=["3"]))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"0.base_layer.bias", "0.adapters.default.lora_A", "0.adapters.default.lora_B",
-                         "3.weight", "3.bias"}
+                         "3.modules_to_save.default.weight", "3.modules_to_save.default.bias"}
+    assert not model[3].original_module.weight.requires_grad  # the base's own head stays frozen
     model2 = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     add_lora(model2, LoraConfig(r=2, target_modules=["0"], bias="all"))
     assert model2[1].bias.requires_grad and not model2[1].weight.requires_grad

@@ -260,3 +260,119 @@ def test_attach_and_remove_adapter():
     assert layer.active == ("default",) and list(layer.adapters) == ["default", "other"]
     layer.remove_adapter("default")
     assert layer.active == () and list(layer.adapters) == ["other"]
+
+
+def test_an_embedding_that_scales_its_lookup_scales_the_adapter_too():
+    class Scaled(nn.Embedding):  # Gemma's / BART's scaled embedding: forward multiplies by embed_scale
+        def __init__(self):
+            super().__init__(20, 6)
+            self.embed_scale = 2.5
+
+        def forward(self, ids):
+            return super().forward(ids) * self.embed_scale
+
+    torch.manual_seed(0)
+    layer = LoRAEmbedding(Scaled())
+    layer.add_adapter("default", 3, 6)
+    a = layer.adapters["default"]
+    with torch.no_grad():
+        a.lora_A.normal_()
+    ids = torch.tensor([[1, 3, 7], [19, 2, 2]])
+    expected = layer.base_layer(ids) + 2.5 * 2.0 * a.lora_A.T[ids] @ a.lora_B.T
+    torch.testing.assert_close(layer(ids), expected)
+    out = layer(ids)
+    layer.merge()
+    torch.testing.assert_close(layer(ids), out, rtol=1e-5, atol=1e-5)  # merged == unmerged
+    bad = nn.Embedding(20, 6)
+    bad.embed_scale = torch.ones(6)
+    bad_layer = LoRAEmbedding(bad)
+    bad_layer.add_adapter("default", 2, 2)
+    with pytest.raises(TypeError, match="embed_scale has shape"):
+        bad_layer(ids)
+
+
+def test_a_lora_layer_answers_the_wrapped_layers_attributes():
+    base = nn.Linear(12, 10)
+    layer = LoRALinear(base)
+    layer.add_adapter("default", 2, 2)
+    assert layer.weight is base.weight and layer.bias is base.bias and layer.in_features == 12
+    emb = LoRAEmbedding(nn.Embedding(20, 6, padding_idx=0))
+    assert emb.weight.shape == (20, 6) and emb.padding_idx == 0 and emb.num_embeddings == 20
+    with pytest.raises(AttributeError):
+        layer.no_such_attribute
+
+
+def test_new_adapters_follow_the_layers_mode():
+    layer = LoRALinear(nn.Linear(12, 10)).eval()
+    layer.add_adapter("default", 2, 2, lora_dropout=0.5)
+    assert not layer.training and not layer.adapters["default"].training
+    _randomize_B(layer)
+    x = torch.randn(4, 12)
+    assert torch.equal(layer(x), layer(x))  # no dropout in eval
+
+
+@pytest.mark.parametrize("init", ["olora", "orthogonal"])
+def test_olora_and_orthogonal_inits(init):
+    torch.manual_seed(0)
+    base = nn.Linear(16, 12)
+    x = torch.randn(4, 16)
+    before = base(x).detach()
+    layer = LoRALinear(base)
+    layer.add_adapter("default", 4, 8, init_lora_weights=init)
+    a = layer.adapters["default"]
+    if init == "olora":  # W0 = Q·R; A = R[:r], B = Q[:, :r]; W0 replaced by W0 - scaling·B·A: same outputs
+        torch.testing.assert_close(layer(x), before, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(a.lora_B.T @ a.lora_B, torch.eye(4), atol=1e-5)  # orthonormal columns
+        assert a.init_A is not None and torch.equal(a.init_A, a.lora_A)
+    else:  # A's rows and B's columns on disjoint halves of one orthogonal basis: B·A = 0, A and B non-zero
+        torch.testing.assert_close(layer(x), before, rtol=1e-4, atol=1e-5)
+        assert a.lora_A.abs().min() > 0 and a.lora_B.abs().max() > 0.01 and a.init_A is None
+    with pytest.raises(ValueError, match="even r"):
+        LoRALinear(nn.Linear(8, 8)).add_adapter("x", 3, 3, init_lora_weights="orthogonal")
+
+
+def _tiny_llama_dtype(dtype):
+    from conftest import tiny_llama
+    return tiny_llama().to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("grad", [True, False])
+def test_autocast_forward_with_and_without_grad_and_merge(dtype, grad, ids):
+    from loralab import LoraConfig, add_lora, merge
+    model = add_lora(_tiny_llama_dtype(torch.float32), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                                  init_lora_weights=False))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype):
+        out = model(input_ids=ids).logits
+        if grad:
+            out.float().square().mean().backward()
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=0.1, atol=0.1)
+    if grad:
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    merge(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        torch.testing.assert_close(model(input_ids=ids).logits.float(), out.detach().float(), rtol=0.1, atol=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_forward_merge_save_and_load(dtype, ids, tmp_path):
+    from loralab import LoraConfig, add_lora, load_adapter, merge, save_adapter
+    model = add_lora(_tiny_llama_dtype(dtype), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False))
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+    model.train()
+    model(input_ids=ids).logits.float().square().mean().backward()  # with grad
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).logits                                  # without grad
+    assert out.dtype == dtype
+    save_adapter(model, tmp_path)
+    fresh = _tiny_llama_dtype(dtype)
+    load_adapter(fresh, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, out)
+        merge(fresh)
+        torch.testing.assert_close(fresh(input_ids=ids).logits.float(), out.float(), rtol=0.05, atol=0.05)

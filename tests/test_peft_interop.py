@@ -167,3 +167,31 @@ def test_sequence_classification_head_travels_both_ways(tmp_path, ids):
     torch.testing.assert_close(_logits(_peft_load(_tiny_classifier, tmp_path / "ours"), ids), _logits(ours, ids),
                                atol=ATOL, rtol=0)
     assert (_logits(ours, ids) - _logits(_tiny_classifier(), ids)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_init_rewrote_w0_is_saved_for_the_original_base(init, tmp_path, ids):
+    """PiSSA / OLoRA train against a residual base; the file holds the rank-2r plain adapter relative to the
+    original W0 (PEFT's conversion), so PEFT and loralab both reproduce the trained model on the original base."""
+    ours = add_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                             init_lora_weights=init, use_rslora=(init == "olora")))
+    _perturb(ours, "none")
+    save_adapter(ours, tmp_path)
+    import json
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["init_lora_weights"] is True
+    expected = _logits(ours, ids)
+    torch.testing.assert_close(_logits(_peft_load(tiny_llama, tmp_path), ids), expected, atol=ATOL, rtol=0)
+    again = tiny_llama()
+    assert load_adapter(again, tmp_path).fingerprint == "matched"  # the fingerprint is of the original W0
+    torch.testing.assert_close(_logits(again, ids), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["olora", "orthogonal"])
+def test_peft_files_with_init_only_or_replayed_inits_load(init, tmp_path, ids):
+    theirs = _peft_model(tiny_llama, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    theirs.save_pretrained(tmp_path)
+    ours = tiny_llama()
+    load_adapter(ours, tmp_path)  # olora: W0 becomes the same QR residual PEFT computes on load
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), atol=ATOL, rtol=0)
+    torch.testing.assert_close(_logits(ours, ids), _logits(_peft_load(tiny_llama, tmp_path), ids), atol=ATOL, rtol=0)

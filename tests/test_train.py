@@ -239,11 +239,12 @@ def test_any_module_trains():
     assert history.evals[-1]["accuracy"] > 0.8
 
 
-def test_bf16_autocast_trains_and_keeps_adapters_fp32():
+def test_bf16_autocast_trains_evaluates_and_keeps_adapters_fp32():
     model = tiny_bert_classifier()
-    history = train(model, classify_data(), None, TrainConfig(epochs=2, batch_size=8, lr=1e-2, bf16=True,
-                                                              progress=False))
+    history = train(model, classify_data(), classify_data(), TrainConfig(epochs=2, batch_size=8, lr=1e-2, bf16=True,
+                                                                         progress=False))
     assert all(math.isfinite(s["loss"]) for s in history.steps)
+    assert math.isfinite(history.evals[-1]["loss"])  # evaluation runs without autograd, under bf16 autocast
     assert all(layer.adapters["default"].lora_A.dtype == torch.float32 for layer in lora_layers(model).values())
 
 
