@@ -7,7 +7,8 @@ With c_i = w_i·s_i (weight times the adapter's scaling), on each layer holding 
     linear  A = Σ √|c_i|·A_i,   B = Σ sign(c_i)·√|c_i|·B_i   (PEFT's "linear"; all ranks equal)
             B·A = Σ c_i·B_i·A_i + the cross terms B_i·A_j (i ≠ j): exact only for a single adapter.
     svd     the best rank-k approximation of the exact sum (Eckart–Young), from a QR of the concatenated
-            factors and an SVD of the small (Σr × Σr) core, never the dense (out, in) matrix:
+            factors and an SVD of the small (Σr × Σr) core, never the dense (out, in) matrix
+            (loralab.analysis.stacked_factor_svd, in float64):
             [c_i·B_i] = Q_B·R_B,  [A_i]ᵀ = Q_A·R_A,  R_B·R_Aᵀ = U·S·Vᵀ
             B = Q_B·U_k·√S_k,  A = √S_k·V_kᵀ·Q_Aᵀ.
 

@@ -330,8 +330,8 @@ def _load_base(base_dir, adapter_dir):
         with safe_open(Path(adapter_dir) / "adapter_model.safetensors", framework="pt") as f:
             heads = [f.get_slice(k).get_shape()[0] for k in f.keys()
                      if re.search(r"\.(classifier|score)(\.out_proj)?\.weight$", k)]
-        if heads:
-            kwargs["num_labels"] = heads[0]
+        if heads:  # the saved head replaces the base's, whatever its size
+            kwargs.update(num_labels=heads[0], ignore_mismatched_sizes=True)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialized head": the adapter file carries it
     try:

@@ -100,8 +100,9 @@ def _curves(plt, report, kind: str) -> bytes:
             ax.set_ylim(0, 1.02)
         if 1 < drawn <= 8:
             ax.legend(fontsize=7)
-    fig.suptitle("singular values of ΔW" if kind == "spectra"
-                 else "cumulative energy of ΔW:  E(k) = Σ_{i≤k} σ²_i / Σ σ²_i")
+    key = f"   (colour: layer {layers[0]} dark → {layers[-1]} light)" if len(layers) > 8 else ""
+    fig.suptitle(("singular values of ΔW" if kind == "spectra"
+                  else "cumulative energy of ΔW:  E(k) = Σ_{i≤k} σ²_i / Σ σ²_i") + key)
     data = _png(fig)
     plt.close(fig)
     return data
