@@ -111,6 +111,31 @@ def _train_run(args, say) -> dict:
     return run_from_args(args, say)
 
 
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter directory (loralab or PEFT format)")
+    p.add_argument("--base", metavar="MODEL_DIR", default=None,
+                   help="local transformers model the adapter was trained on: adds ‖ΔW‖/‖W0‖ and output checks")
+    p.add_argument("--report", metavar="DIR", default=None,
+                   help="write a report folder: PNG plots, report.json and index.html")
+    p.add_argument("--probe-tokens", type=_positive_int, default=16, help="probe sequence length (default 16)")
+
+
+def _inspect_run(args, say) -> dict:
+    from .inspect_adapter import inspect_adapter_dir
+    return inspect_adapter_dir(args.adapter, args.base, args.report, probe_tokens=args.probe_tokens, say=say)
+
+
+def _diff_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", metavar="A_DIR", help="first adapter directory")
+    p.add_argument("b", metavar="B_DIR", help="second adapter directory")
+    p.add_argument("--k", type=_positive_int, default=4, help="top-k singular subspaces to compare (default 4)")
+
+
+def _diff_run(args, say) -> dict:
+    from .inspect_adapter import diff_adapter_dirs
+    return diff_adapter_dirs(args.a, args.b, args.k, say=say)
+
+
 COMMANDS = {
     # name: (help, add_arguments, run)
     "train": ("fine-tune a local model with LoRA (no arguments: the bundled MiniLM text-classification job)",
@@ -122,6 +147,10 @@ COMMANDS = {
                 _spirals_args, _spirals_run),
     "energy": ("cumulative singular-value energy of a low-rank-plus-noise matrix, per rank", _energy_args,
                _energy_run),
+    "inspect": ("what an adapter did, per module: norms, spectrum, energy, ranks; the adapter doctor; a report",
+                _inspect_args, _inspect_run),
+    "diff": ("compare two adapters per module: cosine of the updates and overlap of their top-k subspaces",
+             _diff_args, _diff_run),
 }
 
 

@@ -7,7 +7,8 @@ With c_i = w_i·s_i (weight times the adapter's scaling), on each layer holding 
     linear  A = Σ √|c_i|·A_i,   B = Σ sign(c_i)·√|c_i|·B_i   (PEFT's "linear"; all ranks equal)
             B·A = Σ c_i·B_i·A_i + the cross terms B_i·A_j (i ≠ j): exact only for a single adapter.
     svd     the best rank-k approximation of the exact sum (Eckart–Young), from a QR of the concatenated
-            factors and an SVD of the small (Σr × Σr) core, never the dense (out, in) matrix:
+            factors and an SVD of the small (Σr × Σr) core, never the dense (out, in) matrix
+            (loralab.analysis.stacked_factor_svd, in float64):
             [c_i·B_i] = Q_B·R_B,  [A_i]ᵀ = Q_A·R_A,  R_B·R_Aᵀ = U·S·Vᵀ
             B = Q_B·U_k·√S_k,  A = √S_k·V_kᵀ·Q_Aᵀ.
 
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .analysis import delta_fro_norm, stacked_factor_svd
 from .inject import list_adapters, lora_layers
 from .layer import LoRAAdapter
 
@@ -61,12 +63,10 @@ def combine_factors(factors: list[tuple[torch.Tensor, torch.Tensor, float]], met
         B = sum(math.copysign(math.sqrt(abs(c)), c) * B for B, c in zip(Bs, cs))
         return A, B
     if method == "svd":
-        QB, RB = torch.linalg.qr(torch.cat([c * B for B, c in zip(Bs, cs)], 1))   # (out, q), (q, R)
-        QA, RA = torch.linalg.qr(torch.cat(As, 0).T)                               # (in, p), (p, R)
-        U, S, Vh = torch.linalg.svd(RB @ RA.T)                                     # (q, p) core
+        U, S, Vh = stacked_factor_svd(factors)                                     # (out, m), (m,), (m, in)
         k = min(rank or max(A.shape[0] for A in As), S.numel())
         root = S[:k].sqrt()
-        return (root[:, None] * Vh[:k]) @ QA.T, (QB @ U[:, :k]) * root[None, :]
+        return ((root[:, None] * Vh[:k]).float(), (U[:, :k] * root[None, :]).float())
     raise ValueError(f"method={method!r}; choose one of {METHODS}")
 
 
@@ -74,11 +74,8 @@ def _error(A: torch.Tensor, B: torch.Tensor, factors) -> tuple[float, float]:
     """(‖B·A − Σ c_i·B_i·A_i‖_F, ‖Σ c_i·B_i·A_i‖_F), via Gram matrices in float64."""
     exact_B = torch.cat([c * B_i.double() for _, B_i, c in factors], 1)
     exact_A = torch.cat([A_i.double() for A_i, _, _ in factors], 0)
-
-    def norm(B_, A_):
-        return math.sqrt(max(((B_.T @ B_) * (A_ @ A_.T)).sum().item(), 0.0))
-
-    return norm(torch.cat([B.double(), -exact_B], 1), torch.cat([A.double(), exact_A], 0)), norm(exact_B, exact_A)
+    return (delta_fro_norm(torch.cat([A.double(), exact_A], 0), torch.cat([B.double(), -exact_B], 1)),
+            delta_fro_norm(exact_A, exact_B))
 
 
 def combine_adapters(model: nn.Module, names: list[str], weights: list[float] | None = None,

@@ -1,0 +1,365 @@
+"""Inspect an adapter, and compare two: what each module's update ΔW = s·B·A is, read from the file alone.
+
+Per module (A: (r, in), B: (out, r), s = α/r or α/√r), all from the factors (loralab.analysis, float64):
+
+    ‖ΔW‖_F                 = |s|·sqrt(Σ (BᵀB) ⊙ (A·Aᵀ))
+    ‖ΔW‖_F / ‖W0‖_F        how large the update is next to the frozen weight (needs the base model)
+    σ₁ ≥ … ≥ σ_k           the singular values of ΔW (QR of A and B, SVD of the r×r core), k = min(r, out, in)
+    energy(k)              Σ_{i≤k} σᵢ² / Σσᵢ² at k = 1, 2, 4, … ≤ r; rank_99 = the smallest k holding 99%
+    effective / stable rank  exp(entropy of σ/Σσ)  /  Σσ² / σ₁²
+    A, B statistics        mean, std, max |.|, fraction of zeros, count of NaN/Inf
+
+diff, per module present in both adapters (same (out, in)):
+
+    cosine                 ⟨ΔW_a, ΔW_b⟩_F / (‖ΔW_a‖_F·‖ΔW_b‖_F)   (1 = same update up to scale, 0 = orthogonal)
+    left / right overlap   ‖U_a,kᵀ·U_b,k‖²_F / k and the same for V: do they write to (read from) the same
+                           top-k directions, whatever their scale; k is capped at each update's numerical rank
+
+The adapter directory is PEFT's format (adapter_model.safetensors + adapter_config.json, see loralab.files);
+reading it needs no model.  The doctor (loralab.doctor) and the report folder (loralab.report) build on
+InspectReport.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .analysis import (delta_cosine, delta_fro_norm, effective_rank, energy, factor_stats, factor_svd,
+                       rank_for_energy, stable_rank, subspace_overlap)
+
+__all__ = ["inspect_factors", "InspectReport", "ModuleReport", "diff_factors", "DiffReport", "ModuleDiff",
+           "split_layer", "energy_ranks", "inspect_adapter_dir", "diff_adapter_dirs"]
+
+_FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<name>lora_A\.weight|lora_B\.weight|"
+                         r"lora_embedding_A|lora_embedding_B)$")
+
+
+# ---- reading (no model needed) ----------------------------------------------------------------------------
+def _read_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{module path: (A (r, in), B (out, r), scaling)} from a PEFT-format adapter directory (tensors as stored)."""
+    from safetensors import safe_open
+
+    from .config import config_from_peft
+    from .layer import lora_scaling
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such adapter directory")
+    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{directory} is not an adapter directory: {path.name} is missing (it holds "
+                                    f"{sorted(p.name for p in directory.iterdir())[:10]})")
+    try:
+        raw = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
+    config, _ = config_from_peft(raw, str(config_path))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        with safe_open(weights_path, framework="pt", device="cpu") as f:
+            for key in f.keys():
+                m = _FACTOR_KEY.match(key)
+                if m:
+                    parts.setdefault(m["path"], {})["A" if "_A" in m["name"] else "B"] = f.get_tensor(key)
+    except Exception as e:  # SafetensorError, OSError: a truncated or corrupt file
+        raise ValueError(f"{weights_path}: cannot be read as safetensors ({e}); save it again") from None
+    factors = {}
+    for path, ab in parts.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{weights_path}: module {path} has lora_{''.join(ab)} but not both A and B")
+        r, alpha = config.rank_and_alpha(path)
+        if ab["A"].shape[0] != r:
+            raise ValueError(f"{weights_path}: {path} has rank {ab['A'].shape[0]} but adapter_config.json says "
+                             f"r={r}; the two files come from different saves")
+        factors[path] = (ab["A"], ab["B"], lora_scaling(r, alpha, config.use_rslora))
+    if not factors:
+        raise ValueError(f"{weights_path} holds no lora_A / lora_B tensors; it is not a LoRA adapter")
+    return factors
+
+
+def split_layer(path: str) -> tuple[int | None, str]:
+    """(layer index, module name) from a module path: the first all-digit component is the layer and what
+    follows is the name.  "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj"); no number -> (None, path)."""
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit() and i + 1 < len(parts):
+            return int(part), ".".join(parts[i + 1:])
+    return None, path
+
+
+def energy_ranks(r: int) -> list[int]:
+    """1, 2, 4, 8, … up to r."""
+    return [2 ** i for i in range(int(math.log2(r)) + 1)] if r >= 1 else []
+
+
+# ---- one adapter ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModuleReport:
+    """One module's update.  Spectral fields are None when A or B holds NaN/Inf (finite is False)."""
+    path: str
+    shape: tuple[int, int]            # ΔW: (out, in)
+    r: int
+    scaling: float
+    finite: bool
+    delta_norm: float | None          # ‖ΔW‖_F
+    base_norm: float | None           # ‖W0‖_F (with a base)
+    relative: float | None            # ‖ΔW‖_F / ‖W0‖_F
+    singular_values: tuple | None     # σ₁ ≥ … ≥ σ_k
+    energy: dict | None               # {k: Σ_{i≤k}σ²/Σσ²} at k = 1, 2, 4, … ≤ r
+    effective_rank: float | None
+    stable_rank: float | None
+    rank_99: int | None               # smallest k with energy(k) ≥ 0.99 (0 if ΔW = 0)
+    stats: dict                       # factor_stats(A, B)
+
+    @property
+    def layer(self) -> int | None:
+        return split_layer(self.path)[0]
+
+    @property
+    def name(self) -> str:
+        return split_layer(self.path)[1]
+
+    @property
+    def b_is_zero(self) -> bool:
+        return self.stats["B"]["zero_fraction"] == 1.0
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d.update(shape=list(self.shape), layer=self.layer, name=self.name,
+                 singular_values=None if self.singular_values is None else list(self.singular_values),
+                 energy=None if self.energy is None else {str(k): v for k, v in self.energy.items()})
+        return d
+
+
+@dataclass(frozen=True)
+class InspectReport:
+    modules: tuple            # ModuleReport, in file order
+    has_base: bool
+
+    def to_dict(self) -> dict:
+        return {"has_base": self.has_base, "module_count": len(self.modules),
+                "modules": [m.to_dict() for m in self.modules]}
+
+    def table(self) -> str:
+        """One line per module: shape, r, scaling, ‖ΔW‖, ‖ΔW‖/‖W0‖, energy at rank 1, ranks."""
+        width = max([len(m.path) for m in self.modules] + [6])
+        head = (f"{'module':<{width}}  {'out×in':>11}  {'r':>3}  {'scale':>6}  {'‖ΔW‖_F':>9}  {'/‖W0‖':>9}  "
+                f"{'E(1)':>5}  {'erank':>5}  {'srank':>5}  {'r99':>3}")
+        lines = [head, "-" * len(head)]
+        for m in self.modules:
+            def num(v, fmt):
+                return format(v, fmt) if v is not None else "-"
+            e1 = m.energy.get(1) if m.energy else None
+            lines.append(f"{m.path:<{width}}  {f'{m.shape[0]}×{m.shape[1]}':>11}  {m.r:>3}  {m.scaling:>6.3g}  "
+                         f"{num(m.delta_norm, '9.3e') if m.finite else 'NaN/Inf':>9}  {num(m.relative, '9.2e'):>9}  "
+                         f"{num(e1, '5.3f'):>5}  {num(m.effective_rank, '5.2f'):>5}  "
+                         f"{num(m.stable_rank, '5.2f'):>5}  {num(m.rank_99, 'd'):>3}")
+        return "\n".join(lines)
+
+
+def _base_norm(path: str, W0: torch.Tensor, shape: tuple[int, int]) -> float:
+    if tuple(W0.shape) not in (shape, shape[::-1]):
+        raise ValueError(f"{path}: the base weight is {tuple(W0.shape)} but the adapter's update is "
+                         f"{shape[0]}×{shape[1]}; this adapter was trained on another base model")
+    return torch.linalg.vector_norm(W0.detach().to(torch.float64)).item()
+
+
+def _module_report(path: str, A: torch.Tensor, B: torch.Tensor, scaling: float, W0) -> ModuleReport:
+    shape = (B.shape[0], A.shape[1])
+    stats = factor_stats(A, B)
+    base = None if W0 is None else _base_norm(path, W0, shape)
+    if stats["A"]["nonfinite"] or stats["B"]["nonfinite"]:
+        return ModuleReport(path, shape, A.shape[0], scaling, False, None, base, None, None, None, None, None,
+                            None, stats)
+    U, S, Vh = factor_svd(A, B, scaling)
+    norm = delta_fro_norm(A, B, scaling)
+    relative = None if base is None else (norm / base if base > 0 else math.inf)
+    return ModuleReport(path, shape, A.shape[0], float(scaling), True, norm, base, relative, tuple(S.tolist()),
+                        energy(S, energy_ranks(A.shape[0])), effective_rank(S), stable_rank(S), rank_for_energy(S),
+                        stats)
+
+
+def inspect_factors(factors: dict, base_weights: dict | None = None) -> InspectReport:
+    """factors: {path: (A (r, in), B (out, r), scaling)};  base_weights: {path: W0 (out, in) or (in, out)} or
+    None (only its Frobenius norm is used, so GPT-2 Conv1D and embedding orientations are accepted).
+    Never raises on NaN/Inf factors: those modules are reported with finite=False for the doctor to flag."""
+    if base_weights is not None:
+        missing = [p for p in factors if p not in base_weights]
+        if missing:
+            raise ValueError(f"the base has no weight for {len(missing)} adapted modules (e.g. {missing[0]}); "
+                             f"this adapter was trained on another model")
+    modules = tuple(_module_report(p, A, B, s, None if base_weights is None else base_weights[p])
+                    for p, (A, B, s) in factors.items())
+    return InspectReport(modules, base_weights is not None)
+
+
+# ---- two adapters -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModuleDiff:
+    path: str
+    shape: tuple[int, int]
+    norm_a: float | None
+    norm_b: float | None
+    cosine: float | None              # None when either update is zero or non-finite
+    k: int                            # subspace size compared (0: nothing to compare)
+    left_overlap: float | None        # ‖U_a,kᵀ·U_b,k‖²_F / k
+    right_overlap: float | None       # ‖V_a,kᵀ·V_b,k‖²_F / k
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    modules: tuple                    # ModuleDiff for paths in both, same shape
+    only_a: tuple
+    only_b: tuple
+    mismatched: tuple                 # paths in both whose (out, in) differ: different base models
+    k: int
+
+    def to_dict(self) -> dict:
+        cos = [m.cosine for m in self.modules if m.cosine is not None]
+        return {"k": self.k, "common": len(self.modules), "mean_cosine": sum(cos) / len(cos) if cos else None,
+                "modules": [m.to_dict() for m in self.modules], "only_a": list(self.only_a),
+                "only_b": list(self.only_b), "mismatched": list(self.mismatched)}
+
+    def table(self) -> str:
+        width = max([len(m.path) for m in self.modules] + [6])
+        head = f"{'module':<{width}}  {'‖ΔW_a‖':>9}  {'‖ΔW_b‖':>9}  {'cosine':>7}  {'k':>2}  {'left':>5}  {'right':>5}"
+        lines = [head, "-" * len(head)]
+        for m in self.modules:
+            def num(v, fmt):
+                return format(v, fmt) if v is not None else "-"
+            lines.append(f"{m.path:<{width}}  {num(m.norm_a, '9.3e'):>9}  {num(m.norm_b, '9.3e'):>9}  "
+                         f"{num(m.cosine, '7.3f'):>7}  {m.k:>2}  {num(m.left_overlap, '5.3f'):>5}  "
+                         f"{num(m.right_overlap, '5.3f'):>5}")
+        for label, paths in (("only in A", self.only_a), ("only in B", self.only_b),
+                             ("different shapes", self.mismatched)):
+            if paths:
+                more = ", ..." if len(paths) > 4 else ""
+                lines.append(f"{label}: {len(paths)} modules ({', '.join(paths[:4])}{more})")
+        return "\n".join(lines)
+
+
+def _numerical_rank(S: torch.Tensor) -> int:
+    return int((S > 1e-10 * S[0]).sum().item()) if S.numel() and S[0] > 0 else 0
+
+
+def _module_diff(path: str, fa, fb, k: int) -> ModuleDiff:
+    shape = (fa[1].shape[0], fa[0].shape[1])
+    if not all(torch.isfinite(t).all() for t in (*fa[:2], *fb[:2])):
+        return ModuleDiff(path, shape, None, None, None, 0, None, None)
+    (Ua, Sa, Vha), (Ub, Sb, Vhb) = factor_svd(*fa), factor_svd(*fb)
+    na, nb = delta_fro_norm(*fa), delta_fro_norm(*fb)
+    kk = min(k, _numerical_rank(Sa), _numerical_rank(Sb))
+    if kk == 0:
+        return ModuleDiff(path, shape, na, nb, None, 0, None, None)
+    return ModuleDiff(path, shape, na, nb, delta_cosine(fa, fb), kk, subspace_overlap(Ua, Ub, kk),
+                      subspace_overlap(Vha.T, Vhb.T, kk))
+
+
+def diff_factors(a: dict, b: dict, k: int = 4) -> DiffReport:
+    """Compare two adapters' factors ({path: (A, B, scaling)}) module by module; k: top-k subspaces."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r}: the subspace size must be an integer ≥ 1 (e.g. 4)")
+    common = [p for p in a if p in b]
+    same = [p for p in common if (a[p][1].shape[0], a[p][0].shape[1]) == (b[p][1].shape[0], b[p][0].shape[1])]
+    return DiffReport(tuple(_module_diff(p, a[p], b[p], k) for p in same),
+                      tuple(p for p in a if p not in b), tuple(p for p in b if p not in a),
+                      tuple(p for p in common if p not in same), k)
+
+
+# ---- directories (what the CLI calls) ---------------------------------------------------------------------
+def inspect_adapter_dir(adapter_dir, base_dir=None, report_dir=None, *, probe_tokens: int = 16, seed: int = 0,
+                        say=None) -> dict:
+    """Inspect `adapter_dir`; with `base_dir` (a local transformers model) add ‖ΔW‖/‖W0‖ and the output checks;
+    with `report_dir` write the report folder.  Prints the table and the doctor's findings with `say`."""
+    from .doctor import diagnose, probe_model
+    say = say or (lambda *a: None)
+    factors = _read_factors(adapter_dir)
+    base_weights, probe, model = None, None, None
+    if base_dir is not None:
+        model = _load_base(base_dir, adapter_dir)
+        base_weights = _model_weights(model, factors)
+    report = inspect_factors(factors, base_weights)
+    if model is not None:  # after the norms are taken: the probe loads and merges the adapter into the model
+        probe = probe_model(model, adapter_dir, probe_tokens=probe_tokens, seed=seed)
+    findings = diagnose(report, probe)
+    say(f"adapter {adapter_dir}: {len(report.modules)} modules" + (f", base {base_dir}" if base_dir else ""))
+    say(report.table())
+    if probe is not None:
+        say(probe.summary())
+    say("doctor: " + ("no problems found" if not findings else f"{len(findings)} findings"))
+    for f in findings:
+        say(f"  {f}")
+    result = {"adapter": str(adapter_dir), "base": None if base_dir is None else str(base_dir),
+              **report.to_dict(), "probe": None if probe is None else probe.to_dict(),
+              "findings": [f.to_dict() for f in findings]}
+    if report_dir is not None:
+        from .report import write_report
+        result["report"] = write_report(report, findings, report_dir, probe=probe, title=str(adapter_dir), say=say)
+    return result
+
+
+_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM"}
+
+
+def _load_base(base_dir, adapter_dir):
+    """The base model in the form the adapter was trained on: adapter_config.json's task_type picks the class
+    (SEQ_CLS: a sequence classifier with as many labels as the saved head has rows, as PEFT does); otherwise
+    the class from the base's config.json (loralab.hf.load_local_model)."""
+    from .hf import load_local_model
+    task = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("task_type")
+    if task not in _TASK_CLASSES:
+        return load_local_model(base_dir)
+    if not (Path(base_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{base_dir}: no config.json; pass a directory written by save_pretrained")
+    import transformers
+    kwargs = {}
+    if task == "SEQ_CLS":
+        from safetensors import safe_open
+        with safe_open(Path(adapter_dir) / "adapter_model.safetensors", framework="pt") as f:
+            heads = [f.get_slice(k).get_shape()[0] for k in f.keys()
+                     if re.search(r"\.(classifier|score)(\.out_proj)?\.weight$", k)]
+        if heads:  # the saved head replaces the base's, whatever its size
+            kwargs.update(num_labels=heads[0], ignore_mismatched_sizes=True)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized head": the adapter file carries it
+    try:
+        model = getattr(transformers, _TASK_CLASSES[task]).from_pretrained(base_dir, local_files_only=True,
+                                                                           dtype="auto", **kwargs)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return model.eval()
+
+
+def _model_weights(model, factors: dict) -> dict:
+    """{path: the base module's weight} for each adapted path (KeyError-free: a missing module is reported)."""
+    weights, missing = {}, []
+    for path in factors:
+        try:
+            weights[path] = model.get_submodule(path).weight
+        except AttributeError:
+            missing.append(path)
+    if missing:
+        raise ValueError(f"the base model has no module {missing[0]} (and {len(missing) - 1} more adapted paths); "
+                         f"this adapter was trained on another model")
+    return weights
+
+
+def diff_adapter_dirs(a_dir, b_dir, k: int = 4, say=None) -> dict:
+    """diff_factors of two adapter directories, with the table printed by `say`."""
+    say = say or (lambda *a: None)
+    report = diff_factors(_read_factors(a_dir), _read_factors(b_dir), k)
+    say(f"A = {a_dir}\nB = {b_dir}")
+    say(report.table())
+    return {"a": str(a_dir), "b": str(b_dir), **report.to_dict()}
