@@ -136,6 +136,64 @@ def _diff_run(args, say) -> dict:
     return diff_adapter_dirs(args.a, args.b, args.k, say=say)
 
 
+def _estimate_args(p: argparse.ArgumentParser) -> None:
+    from .estimate import DTYPE_BYTES, EstimateConfig as C, parse_bytes, parse_count
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--params", type=_checked(parse_count), metavar="COUNT",
+                       help="parameter count (7e9, 7B, 125M); widths from a Llama-style layout")
+    which.add_argument("--model", metavar="DIR|config.json",
+                       help="local transformers model directory or config.json (built on the meta device)")
+    p.add_argument("--r", type=_positive_int, default=C.r, help=f"LoRA rank (default {C.r})")
+    p.add_argument("--target-modules", type=_target_spec, default=C.target_modules, metavar="NAMES",
+                   help=f"all-linear or comma-separated names like q_proj,v_proj (default {C.target_modules})")
+    p.add_argument("--quant", choices=("nf4",), help="plan QLoRA: the base's Linear weights in NF4")
+    p.add_argument("--no-double-quant", action="store_true", help="NF4 absmax in fp32 (4.5 bits, not 4.127)")
+    p.add_argument("--batch", type=_positive_int, default=C.batch, help=f"sequences per step (default {C.batch})")
+    p.add_argument("--seq", type=_positive_int, default=C.seq, help=f"tokens per sequence (default {C.seq})")
+    p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default=C.dtype,
+                   help=f"base weights and activations (default {C.dtype})")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="keep only each block's input")
+    p.add_argument("--autocast", action="store_true",
+                   help="the step runs under torch.autocast(dtype), as `loralab train --bf16` does: the adapter "
+                        "path computes in 16 bits (default: loralab's fp32 adapter path)")
+    p.add_argument("--lora-dropout", type=_dropout, default=C.lora_dropout,
+                   help=f"adapter input dropout; > 0 keeps a dropped copy and a mask (default {C.lora_dropout})")
+    p.add_argument("--gpu-memory", type=_checked(parse_bytes), metavar="SIZE",
+                   help="answer 'will it fit': 24GB (10^9 bytes) or 24GiB (2^30)")
+    p.add_argument("--variants", type=_positive_int, metavar="N",
+                   help="N fine-tuned variants: N full copies vs the base + N adapter files")
+    p.add_argument("--adapter-dtype", choices=tuple(DTYPE_BYTES), default=C.adapter_dtype,
+                   help=f"dtype of the adapter file (default {C.adapter_dtype}, what loralab saves)")
+
+
+def _estimate_run(args, say) -> dict:
+    from .estimate import EstimateConfig, estimate
+    config = EstimateConfig(params=args.params, model=args.model, r=args.r, target_modules=args.target_modules,
+                            quant=args.quant, double_quant=not args.no_double_quant, batch=args.batch,
+                            seq=args.seq, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
+                            autocast=args.autocast, lora_dropout=args.lora_dropout, gpu_memory=args.gpu_memory,
+                            variants=args.variants, adapter_dtype=args.adapter_dtype)
+    result = estimate(config)
+    for line in result.pop("text"):
+        say(line)
+    return result
+
+
+def _targets_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL_DIR|config.json",
+                   help="local transformers model directory or its config.json (built on the meta device)")
+    p.add_argument("--r", type=_positive_int, default=16, help="LoRA rank for the costs (default 16)")
+
+
+def _targets_run(args, say) -> dict:
+    from .targets import model_shape, targets_report, targets_text
+    shape, model = model_shape(args.model)
+    report = targets_report(model, shape, args.r)
+    for line in targets_text(report):
+        say(line)
+    return report
+
+
 COMMANDS = {
     # name: (help, add_arguments, run)
     "train": ("fine-tune a local model with LoRA (no arguments: the bundled MiniLM text-classification job)",
@@ -151,6 +209,10 @@ COMMANDS = {
                 _inspect_args, _inspect_run),
     "diff": ("compare two adapters per module: cosine of the updates and overlap of their top-k subspaces",
              _diff_args, _diff_run),
+    "estimate": ("memory and size planner: full fine-tuning vs LoRA vs QLoRA, adapter files, will it fit",
+                 _estimate_args, _estimate_run),
+    "targets": ("which modules can take an adapter, and what each choice of target_modules costs",
+                _targets_args, _targets_run),
 }
 
 
@@ -188,6 +250,31 @@ def _int_list(text: str) -> tuple[int, ...]:
         return tuple(_positive_int(part.strip()) for part in text.split(","))
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4: {e}") from None
+
+
+def _checked(parse):
+    """An argparse type from a parser that raises ValueError with a message."""
+    def parse_arg(text):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_arg
+
+
+def _target_spec(text: str):
+    """'all-linear' or 'q_proj, v_proj' -> 'all-linear' or ('q_proj', 'v_proj')."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected 'all-linear' or comma-separated module names like q_proj,v_proj")
+    return "all-linear" if names == ("all-linear",) else names
+
+
+def _dropout(text: str) -> float:
+    value = _finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
