@@ -162,7 +162,8 @@ function drawSpectrum() {
   // cumulative energy, right axis 0..100 %
   ctx.strokeStyle = "#d6604d"; ctx.lineWidth = 2; ctx.beginPath();
   for (let i = 1; i <= K; i++) {
-    const px = pad.left + (i - 0.5) * barW, py = pad.top + ph * (1 - head[i] / head[K] || 0);
+    const e = head[K] > 0 ? head[i] / head[K] : 0;
+    const px = pad.left + (i - 0.5) * barW, py = pad.top + ph * (1 - e);
     i === 1 ? ctx.moveTo(px, py) : ctx.lineTo(px, py);
   }
   ctx.stroke();
@@ -179,7 +180,7 @@ function drawSpectrum() {
   ctx.fillText(label, right ? cut - 2 : cut + 2, pad.top + 2);
   // x axis: index i
   ctx.fillStyle = "#667"; ctx.textAlign = "center";
-  for (const i of [1, Math.ceil(K / 4), Math.ceil(K / 2), Math.ceil(3 * K / 4), K]) {
+  for (const i of new Set([1, Math.ceil(K / 4), Math.ceil(K / 2), Math.ceil(3 * K / 4), K])) {
     ctx.fillText(String(i), pad.left + (i - 0.5) * barW, pad.top + ph + 8);
   }
   canvas.dataset.plotLeft = pad.left; canvas.dataset.plotWidth = pw;
