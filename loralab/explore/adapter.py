@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ..config import config_from_peft
+from ..files import CONFIG_NAME, WEIGHTS_NAME
 from ..layer import lora_scaling
 
-__all__ = ["AdapterLayer", "AdapterDir", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["AdapterLayer", "AdapterDir"]
 
-WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
 _PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.(?P<name>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
