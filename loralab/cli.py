@@ -17,7 +17,7 @@ from .train_cli import _positive_float, _positive_int  # the one copy (shared wi
 __all__ = ["main", "build_parser"]
 
 
-# ---- commands: each is (add its arguments, run it -> dict) ------------------------------------------------
+# ---- commands: each is (add its arguments, run it -> dict, or None when it printed its own JSON) ---------
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps for pretraining and for LoRA")
@@ -99,6 +99,25 @@ def _energy_run(args, say) -> dict:
     for r in args.ranks:
         say(f"{r:>6}  {table['energy_percent'][r]:>10.2f}%  {table['energy_percent_sigma_sum'][r]:>8.2f}%")
     return table
+
+
+def _explore_args(p: argparse.ArgumentParser) -> None:
+    from .explore.server import DEFAULT_PORT
+    p.add_argument("--adapter", metavar="ADAPTER_DIR", help="also offer each layer's ΔW = scaling·B·A of this "
+                   "adapter (PEFT's format); only this directory is read")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_nonnegative_int, default=DEFAULT_PORT,
+                   help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    p.add_argument("--no-browser", action="store_true", help="do not open a browser, just print the URL")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other machines can reach (the page has no authentication)")
+
+
+def _explore_run(args, say) -> None:
+    from .explore.server import serve
+    serve(args.adapter, host=args.host, port=args.port, open_browser=not args.no_browser,
+          allow_remote=args.allow_remote, json_out=args.json, say=say)
+    return None  # with --json, serve() already printed {"url": ...} when the server came up
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
@@ -213,6 +232,8 @@ COMMANDS = {
                  _estimate_args, _estimate_run),
     "targets": ("which modules can take an adapter, and what each choice of target_modules costs",
                 _targets_args, _targets_run),
+    "explore": ("an interactive page on 127.0.0.1: truncate a matrix's SVD (synthetic, random, or an adapter's "
+                "layer) with a rank slider", _explore_args, _explore_run),
 }
 
 
@@ -307,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({"error": str(message)}))
         return 2
-    if args.json:
+    if args.json and result is not None:  # None: the command printed its one JSON object itself
         print(json.dumps(result, default=str))
     return 0
 
