@@ -253,6 +253,11 @@ class LlamaStyleRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden))
 
 
+class _LlamaLayout(nn.Module):
+    def get_output_embeddings(self) -> nn.Module:  # the head "all-linear" leaves out, as on the real model
+        return self.lm_head
+
+
 def _llama_layout(hidden: int, layers: int, intermediate: int, vocab: int) -> nn.Module:
     """Module tree with LlamaForCausalLM's names and shapes (meta device; nothing to run)."""
     def block():
@@ -266,7 +271,8 @@ def _llama_layout(hidden: int, layers: int, intermediate: int, vocab: int) -> nn
         b.mlp.down_proj = nn.Linear(intermediate, hidden, bias=False)
         return b
     with torch.device("meta"):
-        root, root.model = nn.Module(), nn.Module()
+        root = _LlamaLayout()
+        root.model = nn.Module()
         root.model.embed_tokens = nn.Embedding(vocab, hidden)
         root.model.layers = nn.ModuleList(block() for _ in range(layers))
         root.model.norm, root.model.rotary_emb = LlamaStyleRMSNorm(hidden), nn.Module()
