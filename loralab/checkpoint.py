@@ -18,15 +18,13 @@ and the data order a pure function of (seed, epoch), so the step number is their
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .files import _atomic_write
+from .atomic import atomic_directory, atomic_write, atomic_write_text
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "trainable_parameters"]
 
@@ -73,20 +71,13 @@ def save_checkpoint(root: str | Path, model: nn.Module, optimizer: torch.optim.O
     for r, rng in enumerate(cuda_rng_states or ()):
         tensors[f"rng.cuda.{r}"] = rng
     name = f"step-{state['step']:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}.", suffix=".tmp"))
-    try:
-        meta = {"format": FORMAT, **state, "param_names": list(params), "param_groups": groups}
-        _atomic_write(tmp / "trainable.safetensors", lambda t: save_file(params, t))  # written and fsynced
-        _atomic_write(tmp / "optimizer.safetensors", lambda t: save_file(tensors, t))
-        _atomic_write(tmp / "state.json", lambda t: Path(t).write_text(json.dumps(meta, indent=1)))
-        final = root / name
-        if final.exists():  # a re-run of the same step after a resume: replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _atomic_write(root / LATEST, lambda t: Path(t).write_text(name))
+    final = root / name
+    meta = {"format": FORMAT, **state, "param_names": list(params), "param_groups": groups}
+    with atomic_directory(final) as tmp:  # a re-run of the same step after a resume replaces it
+        atomic_write(tmp / "trainable.safetensors", lambda t: save_file(params, t))  # written and fsynced
+        atomic_write(tmp / "optimizer.safetensors", lambda t: save_file(tensors, t))
+        atomic_write_text(tmp / "state.json", json.dumps(meta, indent=1))
+    atomic_write_text(root / LATEST, name)
     for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .config import BIAS_CHOICES, LoraConfig, config_from_peft
 from .inject import (active_adapters, base_view_modules, check_new_adapter_name, find_saved_targets, find_targets,
                      list_adapters, lora_layers, set_adapter, set_module, wrap_module, wrap_saved)
@@ -188,8 +189,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    _atomic_write(directory / CONFIG_NAME,
+    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(directory / CONFIG_NAME,
                   lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
     return directory
 
@@ -237,20 +238,6 @@ def _extra_tensors(model: nn.Module, layers, copies: dict[str, SavedModule], ada
             if isinstance(param, nn.Parameter):
                 out[f"{PREFIX}{path}{'.base_layer' if lora else ''}.bias"] = param.detach().to("cpu").clone()
     return out
-
-
-def _atomic_write(target: Path, write) -> None:
-    """write(tmp_path) then os.replace onto target; the temp file never survives a failure."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---- load -----------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from torch import nn
 
+from .atomic import atomic_directory
 from .files import load_adapter
 from .merge import merge_and_unload, untie_adapted_weights
 
@@ -87,27 +87,8 @@ def merge_model_dir(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike
 
 
 def _save_atomic(model: nn.Module, model_dir: Path, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         for f in model_dir.iterdir():  # tokenizer, chat template, ...: everything that is not weights
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in _WRITTEN_BY_SAVE:
                 shutil.copy2(f, tmp / f.name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():  # a directory cannot be replaced atomically: move the old one aside, put it back on failure
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old / out.name, out)
-            old.rmdir()
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

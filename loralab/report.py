@@ -17,26 +17,13 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_write_bytes
 
 __all__ = ["write_report", "PLOTS"]
 
 PLOTS = ("spectra.png", "energy.png", "heatmap.png")
-
-
-def _write_atomic(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _grouped(report) -> tuple[list[str], list, dict]:
@@ -205,6 +192,6 @@ def write_report(report, findings, directory, *, probe=None, title: str = "adapt
     files["report.json"] = (json.dumps(data, indent=1, default=str) + "\n").encode()
     files["index.html"] = _page(report, findings, probe, title, plots is not None).encode()  # written last
     for name, blob in files.items():
-        _write_atomic(out / name, blob)
+        atomic_write_bytes(out / name, blob)
     say(f"wrote {out / 'index.html'} ({', '.join(n for n in files if n != 'index.html')})")
     return {"dir": str(out), "files": list(files), "plots": plots is not None}

@@ -25,7 +25,8 @@ from torch import nn
 from .checkpoint import latest_checkpoint
 from .config import LoraConfig
 from .dataset import check_records, read_records, split_records, tokenize
-from .files import _atomic_write, save_adapter
+from .atomic import atomic_write_text
+from .files import save_adapter
 from .inject import add_lora, lora_layers, trainable_report
 from .merge import merge, unmerge
 from .train import TrainConfig, evaluate, seed_everything, train
@@ -227,7 +228,7 @@ def run_train_job(opts: dict, say=print) -> dict:
         "checkpoint": history.checkpoint, "seconds": time.perf_counter() - t0,
     }
     text = json.dumps({**result, "options": _jsonable(opts), "history": history.to_dict()}, indent=1) + "\n"
-    _atomic_write(out / "run.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(out / "run.json", text)
     say(f"\nwrote\n  adapter (PEFT format)   {adapter_dir}/\n  results and history     {out / 'run.json'}"
         + (f"\n  last checkpoint         {history.checkpoint}/" if history.checkpoint else ""))
     say(f"done in {result['seconds']:.0f} s")
