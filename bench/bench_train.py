@@ -158,7 +158,7 @@ def main() -> str:
         "| variant | s/step | vs PEFT |\n| --- | ---: | ---: |\n" + rows +
         f"\n\nloralab / PEFT step time: **{med['loralab'] / peft_t:.2f}x** (target <= 0.80x). "
         "The difference is mostly dropout: loralab draws its Bernoulli keep-mask as 16-bit integers, four per "
-        "64-bit random word (`_keep_mask` in loralab/layer.py), and folds the 1/(1-p) rescale into the "
+        "64-bit random word (`keep_mask` in loralab/functional.py), and folds the 1/(1-p) rescale into the "
         "rank-r product, where PEFT's `nn.Dropout` draws one float per element and rescales the full-width "
         "input.\n\n"
         f"Loss curve, dropout 0, identical starting adapters, {len(ours_curve)} AdamW steps (lr 1e-3): "

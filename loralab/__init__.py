@@ -1,24 +1,45 @@
 """loralab: LoRA for PyTorch — build, train, merge, inspect, quantize, serve adapters.
 
     y = W0·x + (α/r)·B·A·dropout(x)      W0 frozen, A: (r, in) Kaiming-uniform, B: (out, r) zeros
+
+Names are imported on first use (PEP 562), so `import loralab.reference` needs no torch and `import loralab.layer`
+loads no training, file or CLI code.
 """
 
-from .config import LoraConfig
-from .inject import (add_lora, delete_adapter, disable_lora, find_targets, list_adapters, set_adapter,
-                     trainable_report)
-from .layer import LoRAAdapter, LoRAEmbedding, LoRALinear, delta_weight
-from .merge import merge, merge_and_unload, unmerge
-from .files import LoadReport, load_adapter, save_adapter
-from .combine import CombineReport, combine_adapters
-from .dataset import TokenizedData, read_records, tokenize
-from .train import History, TrainConfig, evaluate, train
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LoraConfig", "LoRALinear", "LoRAEmbedding", "LoRAAdapter", "add_lora", "trainable_report", "merge",
-    "unmerge", "merge_and_unload", "disable_lora", "set_adapter", "delete_adapter", "list_adapters",
-    "find_targets", "delta_weight",
-    "save_adapter", "load_adapter", "LoadReport", "combine_adapters", "CombineReport",
-    "train", "TrainConfig", "History", "evaluate", "read_records", "tokenize", "TokenizedData",
-]
+_EXPORTS = {
+    "config": ["LoraConfig"],
+    "layer": ["LoRALinear", "LoRAEmbedding", "LoRAAdapter"],
+    "functional": ["delta_weight"],
+    "base": ["FrozenBase"],
+    "inject": ["add_lora", "trainable_report", "disable_lora", "set_adapter", "delete_adapter", "list_adapters",
+               "active_adapters", "find_targets"],
+    "routing": ["adapter_rows"],
+    "merging": ["merge", "unmerge", "merge_and_unload"],
+    "adapter_file": ["read_adapter"],
+    "save": ["save_adapter"],
+    "load": ["load_adapter", "LoadReport"],
+    "combine": ["combine_adapters", "CombineReport"],
+    "dataset": ["read_records", "tokenize", "TokenizedData"],
+    "train": ["train", "TrainConfig", "History", "evaluate"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loralab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

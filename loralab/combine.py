@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .analysis import delta_fro_norm, stacked_factor_svd
-from .inject import list_adapters, lora_layers
+from .inject import check_adapter_names, list_adapters, lora_layers
 from .layer import LoRAAdapter
 
 __all__ = ["combine_adapters", "combine_factors", "CombineReport", "METHODS"]
@@ -118,10 +118,10 @@ def combine_adapters(model: nn.Module, names: list[str], weights: list[float] | 
 
 
 def _validate(model, names, weights, method, new_name, rank) -> None:
+    if not names:
+        raise ValueError(f"name at least one adapter to combine; the model has {list_adapters(model)}")
+    check_adapter_names(model, names)
     known = list_adapters(model)
-    missing = [n for n in names if n not in known]
-    if not names or missing:
-        raise KeyError(f"no adapter named {missing or names}; the model has {known}")
     if len(weights) != len(names):
         raise ValueError(f"got {len(weights)} weights for {len(names)} adapters; pass one weight per adapter")
     if not all(math.isfinite(w) for w in weights):

@@ -13,7 +13,7 @@ from torch import nn
 from .config import LoraConfig
 from .inject import add_lora, trainable_report
 from .layer import LoRALinear
-from .merge import merge, merge_and_unload, unmerge
+from .merging import merge, merge_and_unload, unmerge
 
 __all__ = ["run_demo"]
 

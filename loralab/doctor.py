@@ -196,9 +196,9 @@ def probe_model(model: nn.Module, adapter_dir, *, probe_tokens: int = 16, batch:
                 adapter_name: str = "inspect") -> ProbeResult:
     """Load the adapter into `model` (a transformers model taking input_ids), run random token ids through it
     without the adapter, with it, and merged; the model is left with the adapter loaded and unmerged."""
-    from .files import load_adapter
+    from .load import load_adapter
     from .inject import disable_lora
-    from .merge import merge, unmerge
+    from .merging import merge, unmerge
     try:
         load_adapter(model, adapter_dir, adapter_name)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from .atomic import atomic_directory
-from .files import load_adapter
-from .merge import merge_and_unload, untie_adapted_weights
+from .load import load_adapter
+from .merging import merge_and_unload, untie_adapted_weights
 
 __all__ = ["load_local_model", "merge_model_dir"]
 

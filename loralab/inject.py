@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .config import LoraConfig
-from .layer import LoRAEmbedding, LoRALinear, embed_scale, is_conv1d, module_dims, warn_if_rank_too_large
+from .base import SUPPORTED_BASES as SUPPORTED, FrozenBase, is_conv1d, module_dims
+from .layer import LoRAEmbedding, LoRALinear, embed_scale, warn_if_rank_too_large
 from .saved import SavedModule, find_saved, inside_saved, saved_modules
 
 __all__ = ["add_lora", "find_targets", "base_view_modules", "lora_layers", "trainable_report", "TrainableReport",
            "disable_lora", "set_adapter", "delete_adapter", "list_adapters", "mark_only_lora_trainable",
-           "check_new_adapter_name", "wrap_module", "set_module", "active_adapters", "wrap_saved"]
+           "check_new_adapter_name", "wrap_module", "set_module", "active_adapters", "wrap_saved",
+           "check_adapter_names", "check_unmerged", "merged_layers"]
 
 _INIT_NAMES = {"pissa": "PiSSA", "olora": "OLoRA"}
-SUPPORTED = "nn.Linear, nn.Embedding, transformers Conv1D (GPT-2), or a quantized linear base"
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -39,7 +40,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def _is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module) or hasattr(module, "dense_weight")
+    """What "all-linear" takes: nn.Linear, GPT-2's Conv1D, or a quantized linear base (a FrozenBase)."""
+    return isinstance(module, (nn.Linear, FrozenBase)) or is_conv1d(module)
 
 
 def _matches(spec, path: str) -> bool:
@@ -318,14 +320,36 @@ def active_adapters(model: nn.Module) -> list[str]:
     return [n for n in list_adapters(model) if n in active]
 
 
+def check_adapter_names(model: nn.Module, names) -> tuple[str, ...]:
+    """`names` (one or a list) as a tuple; KeyError naming the unknown ones and the adapters the model has."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    known = list_adapters(model)
+    missing = [n for n in dict.fromkeys(names) if n not in known]
+    if missing:
+        raise KeyError(f"no adapter named {missing[0]!r}" + (f" (nor {missing[1:]})" if len(missing) > 1 else "")
+                       + f"; the model has {known}")
+    return names
+
+
+def merged_layers(model: nn.Module, adapter: str | None = None) -> list[str]:
+    """Paths of the LoRA layers holding a merged adapter (or holding adapter `adapter` merged)."""
+    return [p for p, l in lora_layers(model).items()
+            if any(a.merged for n, a in l.adapters.items() if adapter in (None, n))]
+
+
+def check_unmerged(model: nn.Module, what: str, *, adapter: str | None = None, paths=None) -> None:
+    """RuntimeError if an adapter (`adapter`, on the layers at `paths`) is merged: a merged ΔW lives inside
+    W0, where `what` cannot see it."""
+    merged = [p for p in merged_layers(model, adapter) if paths is None or p in paths]
+    if merged:
+        raise RuntimeError(f"{len(merged)} layers hold a merged adapter (e.g. {merged[0]}); call unmerge(model) "
+                           f"before {what}")
+
+
 def set_adapter(model: nn.Module, names: str | list[str]) -> None:
     """Make `names` the active adapter(s) on every layer that has them (others go inactive).  Several
     adapters are summed; each module to save runs the copy of the one named adapter that has one."""
-    names = (names,) if isinstance(names, str) else tuple(names)
-    known = list_adapters(model)
-    missing = [n for n in names if n not in known]
-    if missing:
-        raise KeyError(f"no adapter named {missing}; the model has {known}")
+    names = check_adapter_names(model, names)
     saved = saved_modules(model)
     for path, module in saved.items():
         holders = [n for n in names if n in module.modules_to_save]
@@ -340,12 +364,9 @@ def set_adapter(model: nn.Module, names: str | list[str]) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` everywhere (its A/B and its copies of modules to save)."""
-    if name not in list_adapters(model):
-        raise KeyError(f"no adapter named {name!r}; the model has {list_adapters(model)}")
-    layers = lora_layers(model).values()
-    if any(name in layer.adapters and layer.adapters[name].merged for layer in layers):
-        raise RuntimeError(f"adapter {name!r} is merged; call unmerge(model) before deleting it")
-    for layer in layers:
+    check_adapter_names(model, name)
+    check_unmerged(model, f"deleting adapter {name!r}", adapter=name)
+    for layer in lora_layers(model).values():
         layer.remove_adapter(name)
     for path, module in saved_modules(model).items():
         module.remove_copy(name)
@@ -357,12 +378,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def disable_lora(model: nn.Module):
     """Inside the block the model computes exactly its base outputs (modules to save run their originals).
     Adapters must be unmerged (a merged delta lives inside W0 and cannot be switched off exactly)."""
-    layers = lora_layers(model)
-    merged = [p for p, l in layers.items() if any(a.merged for a in l.adapters.values())]
-    if merged:
-        raise RuntimeError(f"{len(merged)} layers have merged adapters (e.g. {merged[0]}); "
-                           f"call unmerge(model) before disable_lora")
-    switches = list(layers.values()) + list(saved_modules(model).values())
+    check_unmerged(model, "disable_lora")
+    switches = list(lora_layers(model).values()) + list(saved_modules(model).values())
     before = [m.disabled for m in switches]
     try:
         for module in switches:

@@ -15,7 +15,7 @@ diff, per module present in both adapters (same (out, in)):
     left / right overlap   ‖U_a,kᵀ·U_b,k‖²_F / k and the same for V: do they write to (read from) the same
                            top-k directions, whatever their scale; k is capped at each update's numerical rank
 
-The adapter directory is PEFT's format (adapter_model.safetensors + adapter_config.json, see loralab.files);
+The adapter directory is PEFT's format (adapter_model.safetensors + adapter_config.json, see loralab.adapter_file);
 reading it needs no model.  The doctor (loralab.doctor) and the report folder (loralab.report) build on
 InspectReport.
 """
@@ -31,61 +31,14 @@ from pathlib import Path
 
 import torch
 
+from .adapter_file import read_factors
 from .analysis import (delta_cosine, delta_fro_norm, effective_rank, energy, factor_stats, factor_svd,
                        rank_for_energy, stable_rank, subspace_overlap)
 
 __all__ = ["inspect_factors", "InspectReport", "ModuleReport", "diff_factors", "DiffReport", "ModuleDiff",
            "split_layer", "energy_ranks", "inspect_adapter_dir", "diff_adapter_dirs"]
 
-_FACTOR_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<name>lora_A\.weight|lora_B\.weight|"
-                         r"lora_embedding_A|lora_embedding_B)$")
-
-
 # ---- reading (no model needed) ----------------------------------------------------------------------------
-def _read_factors(directory: str | os.PathLike) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{module path: (A (r, in), B (out, r), scaling)} from a PEFT-format adapter directory (tensors as stored)."""
-    from safetensors import safe_open
-
-    from .config import config_from_peft
-    from .layer import lora_scaling
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such adapter directory")
-    config_path, weights_path = directory / "adapter_config.json", directory / "adapter_model.safetensors"
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory} is not an adapter directory: {path.name} is missing (it holds "
-                                    f"{sorted(p.name for p in directory.iterdir())[:10]})")
-    try:
-        raw = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(raw).__name__}")
-    config, _ = config_from_peft(raw, str(config_path))
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        with safe_open(weights_path, framework="pt", device="cpu") as f:
-            for key in f.keys():
-                m = _FACTOR_KEY.match(key)
-                if m:
-                    parts.setdefault(m["path"], {})["A" if "_A" in m["name"] else "B"] = f.get_tensor(key)
-    except Exception as e:  # SafetensorError, OSError: a truncated or corrupt file
-        raise ValueError(f"{weights_path}: cannot be read as safetensors ({e}); save it again") from None
-    factors = {}
-    for path, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{weights_path}: module {path} has lora_{''.join(ab)} but not both A and B")
-        r, alpha = config.rank_and_alpha(path)
-        if ab["A"].shape[0] != r:
-            raise ValueError(f"{weights_path}: {path} has rank {ab['A'].shape[0]} but adapter_config.json says "
-                             f"r={r}; the two files come from different saves")
-        factors[path] = (ab["A"], ab["B"], lora_scaling(r, alpha, config.use_rslora))
-    if not factors:
-        raise ValueError(f"{weights_path} holds no lora_A / lora_B tensors; it is not a LoRA adapter")
-    return factors
-
-
 def split_layer(path: str) -> tuple[int | None, str]:
     """(layer index, module name) from a module path: the first all-digit component is the layer and what
     follows is the name.  "model.layers.3.self_attn.q_proj" -> (3, "self_attn.q_proj"); no number -> (None, path)."""
@@ -285,7 +238,7 @@ def inspect_adapter_dir(adapter_dir, base_dir=None, report_dir=None, *, probe_to
     with `report_dir` write the report folder.  Prints the table and the doctor's findings with `say`."""
     from .doctor import diagnose, probe_model
     say = say or (lambda *a: None)
-    factors = _read_factors(adapter_dir)
+    factors = read_factors(adapter_dir, allow_nonfinite=True)
     base_weights, probe, model = None, None, None
     if base_dir is not None:
         model = _load_base(base_dir, adapter_dir)
@@ -359,7 +312,7 @@ def _model_weights(model, factors: dict) -> dict:
 def diff_adapter_dirs(a_dir, b_dir, k: int = 4, say=None) -> dict:
     """diff_factors of two adapter directories, with the table printed by `say`."""
     say = say or (lambda *a: None)
-    report = diff_factors(_read_factors(a_dir), _read_factors(b_dir), k)
+    report = diff_factors(read_factors(a_dir, allow_nonfinite=True), read_factors(b_dir, allow_nonfinite=True), k)
     say(f"A = {a_dir}\nB = {b_dir}")
     say(report.table())
     return {"a": str(a_dir), "b": str(b_dir), **report.to_dict()}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 __all__ = ["SavedModule", "saved_modules", "find_saved", "inside_saved"]
@@ -35,6 +36,7 @@ class SavedModule(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None     # the adapter whose copy computes the output
         self.disabled = False              # disable_lora: the original computes the output
+        self.rows: list | None = None      # adapter_rows: one adapter name (or None) per row of the batch
 
     def add_copy(self, name: str, *, trainable: bool = True) -> nn.Module:
         """Adapter `name`'s copy of the original (a deep copy: it shares no tensor with anything)."""
@@ -56,8 +58,27 @@ class SavedModule(nn.Module):
             return self.original_module
         return self.modules_to_save[self.active]
 
-    def forward(self, *args, **kwargs):
-        return self.in_use()(*args, **kwargs)
+    def forward(self, x, *args, **kwargs):
+        if self.rows is None:
+            return self.in_use()(x, *args, **kwargs)
+        return self._forward_rows(x, *args, **kwargs)
+
+    def _forward_rows(self, x, *args, **kwargs):
+        """adapter_rows: each group of rows through its adapter's copy (the original for rows of adapters
+        without one), stitched back in row order."""
+        if x.shape[0] != len(self.rows):
+            raise ValueError(f"a module to save got a batch of {x.shape[0]} rows under adapter_rows for "
+                             f"{len(self.rows)} rows; routing follows the first dimension of its input")
+        groups: dict = {}
+        for i, name in enumerate(self.rows):
+            use = name if (name in self.modules_to_save and not self.disabled) else None
+            groups.setdefault(use, []).append(i)
+        outs = {}
+        for name, rows in groups.items():
+            module = self.original_module if name is None else self.modules_to_save[name]
+            for i, y in zip(rows, module(x[rows], *args, **kwargs)):
+                outs[i] = y
+        return torch.stack([outs[i] for i in range(len(self.rows))])
 
     def __getattr__(self, name: str):
         """Attributes the wrapper does not have are those of the module in use (`.weight` of a saved embedding,

@@ -26,9 +26,9 @@ from .checkpoint import latest_checkpoint
 from .config import LoraConfig
 from .dataset import check_records, read_records, split_records, tokenize
 from .atomic import atomic_write_text
-from .files import save_adapter
+from .save import save_adapter
 from .inject import add_lora, lora_layers, trainable_report
-from .merge import merge, unmerge
+from .merging import merge, unmerge
 from .train import TrainConfig, evaluate, seed_everything, train
 
 __all__ = ["run_train_job", "bundled_model_dir", "BUNDLED_TRAIN", "BUNDLED_EVAL", "BUNDLED_RECIPE",

@@ -202,7 +202,7 @@ def test_bf16_factors_are_read_as_float32(adapted, tmp_path):
     path = next(iter(adapted[1]))
     A, B = reader.factors(path)
     assert A.dtype == np.float32
-    np.testing.assert_array_equal(A, tensors[reader.layers[path].key_A].float().numpy())
+    np.testing.assert_array_equal(A, tensors[f"base_model.model.{path}.lora_A.weight"].float().numpy())
 
 
 def test_a_config_from_another_save_is_refused(adapted, tmp_path):
@@ -211,7 +211,7 @@ def test_a_config_from_another_save_is_refused(adapted, tmp_path):
     config = json.loads((source / "adapter_config.json").read_text())
     config["rank_pattern"] = {}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="gives it r=4; the config belongs to another save"):
+    with pytest.raises(ValueError, match="different saves"):
         AdapterDir(tmp_path)
     with pytest.raises(FileNotFoundError, match="no such adapter directory"):
         AdapterDir(tmp_path / "missing")

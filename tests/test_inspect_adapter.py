@@ -13,7 +13,8 @@ from conftest import tiny_gpt2, tiny_llama
 from loralab import LoraConfig, add_lora, save_adapter
 from loralab.cli import main
 from loralab.doctor import NEAR_ZERO, ProbeResult, diagnose
-from loralab.inspect_adapter import (_read_factors, diff_factors, energy_ranks, inspect_adapter_dir,
+from loralab.adapter_file import read_factors as _read_factors
+from loralab.inspect_adapter import (diff_factors, energy_ranks, inspect_adapter_dir,
                                      inspect_factors, split_layer)
 from loralab.inject import lora_layers
 from loralab.report import PLOTS, write_report
@@ -135,7 +136,7 @@ def test_doctor_flags_nan(tmp_path):
     key = next(k for k in tensors if "layers.1.self_attn.q_proj.lora_B" in k)
     tensors[key][0, 0] = float("nan")  # save_adapter refuses NaN: write the file by hand
     save_file(tensors, weights, metadata={"format": "pt"})
-    report = inspect_factors(_read_factors(tmp_path / "a"))
+    report = inspect_factors(_read_factors(tmp_path / "a", allow_nonfinite=True))
     bad = [m for m in report.modules if not m.finite]
     assert [m.path for m in bad] == ["model.layers.1.self_attn.q_proj"] and bad[0].singular_values is None
     nan = [f for f in diagnose(report) if f.code == "nonfinite"]
@@ -322,8 +323,8 @@ def test_diff_cli_json(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, match", [
     (["inspect", "{tmp}/missing"], "no such adapter directory"),
-    (["inspect", "{tmp}/empty"], "not an adapter directory: adapter_config.json is missing"),
-    (["diff", "{tmp}/empty", "{tmp}/missing"], "not an adapter directory"),
+    (["inspect", "{tmp}/empty"], "adapter_config.json is missing; an adapter directory holds"),
+    (["diff", "{tmp}/empty", "{tmp}/missing"], "adapter_config.json is missing"),
     (["inspect", "{tmp}/a", "--base", "{tmp}/empty"], "no config.json"),
 ])
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, match):

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from loralab import LoraConfig, add_lora, delete_adapter, disable_lora, load_adapter, save_adapter, set_adapter
 from loralab.inject import active_adapters, list_adapters
-from loralab.merge import merge_and_unload
+from loralab.merging import merge_and_unload
 from loralab.saved import SavedModule
 
 

@@ -1,10 +1,11 @@
-"""The adapter dropout used in training (layer._keep_mask): Bernoulli(1 - p) per element, unbiased, and
+"""The adapter dropout used in training (functional.keep_mask): Bernoulli(1 - p) per element, unbiased, and
 the LoRA gradient is the formula's with that mask."""
 
 import pytest
 import torch
 
-from loralab.layer import LoRALinear, _keep_mask
+from loralab.functional import keep_mask as _keep_mask
+from loralab.layer import LoRALinear
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])

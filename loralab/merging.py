@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from .inject import list_adapters, lora_layers, set_module
+from .inject import check_adapter_names, lora_layers, set_module
 from .saved import saved_modules
 
 __all__ = ["merge", "unmerge", "merge_and_unload", "untie_adapted_weights"]
@@ -37,6 +37,7 @@ def merge(model: nn.Module, adapter_names: str | list[str] | None = None) -> nn.
             raise RuntimeError(f"adapter {already[0]!r} is already merged into {path}; merging twice would "
                                f"add ΔW twice. Call unmerge(model) first.")
         _check_finite(path, layer, todo)
+        _check_dense(path, layer, todo)
         plan.append((layer, todo))
     untie_adapted_weights(model)
     for layer, todo in plan:
@@ -50,7 +51,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     merged = [l for l in layers.values() if any(a.merged for a in l.adapters.values())]
     if not merged:
         raise RuntimeError("no adapter is merged, so there is nothing to unmerge")
-    if any(l.dense_weight().dtype in (torch.float16, torch.bfloat16) for l in merged):
+    if any(l.base.dtype in (torch.float16, torch.bfloat16) for l in merged):
         warnings.warn("unmerging a half-precision base restores W0 only up to bf16/fp16 rounding", stacklevel=2)
     for layer in merged:
         layer.unmerge()
@@ -69,6 +70,7 @@ def merge_and_unload(model: nn.Module, adapter_names: str | list[str] | None = N
             for path, layer in layers.items()}
     for path, todo in plan.items():
         _check_finite(path, layers[path], todo)
+        _check_dense(path, layers[path], todo)
     untie_adapted_weights(model)
     for path, layer in layers.items():
         layer.merge(plan[path])  # skips adapters already merged
@@ -108,12 +110,15 @@ def _check_finite(path: str, layer, names) -> None:
             raise ValueError(f"adapter {n!r} at {path} holds NaN/Inf; refusing to merge it into the base")
 
 
+def _check_dense(path: str, layer, names) -> None:
+    """Merging into a quantized base would requantize W0 + ΔW, and the rounding would swallow most of ΔW:
+    never done silently."""
+    if names and layer.base.quant_type is not None:
+        raise ValueError(f"{path} has a quantized ({layer.base.quant_type}) base: merging would requantize "
+                         f"W0 + ΔW and lose most of the update. Keep the adapter unmerged, or dequantize the base "
+                         f"first (merge_and_unload(model, dequantize=True) for NF4).")
+
+
 def _known_names(model: nn.Module, adapter_names) -> tuple[str, ...] | None:
     """None (the active adapters) or the named ones, every one of which must exist."""
-    if adapter_names is None:
-        return None
-    names = (adapter_names,) if isinstance(adapter_names, str) else tuple(adapter_names)
-    missing = [n for n in names if n not in list_adapters(model)]
-    if missing:
-        raise KeyError(f"no adapter named {missing}; the model has {list_adapters(model)}")
-    return names
+    return None if adapter_names is None else check_adapter_names(model, adapter_names)

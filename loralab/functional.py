@@ -1,0 +1,154 @@
+"""The LoRA math as pure functions: tensors in, tensors out (the layers in layer.py are thin shells over these).
+
+    y = base(x) + scaling · B · A · dropout(x)        A: (r, in)   B: (out, r)   scaling = α/r  (rsLoRA: α/√r)
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021), arXiv:2106.09685; rsLoRA:
+Kalajdzievski (2023), arXiv:2312.03732.
+
+dtype rules: the adapter term is computed in the adapter's dtype (x is cast to A's dtype; adapters under a
+half-precision base are float32) and cast back to the base output's dtype; under torch.autocast, autocast
+picks the matmul dtype instead.  The scale and dropout's 1/(1-p) are applied to the narrow (..., r) product.
+
+Several adapters in one batch ("rows"): row i of the batch uses adapter idx[i] of a bank of stacked factors,
+or none (idx[i] = -1):
+
+    A_bank (n, r_max, in), B_bank (n, out, r_max)     ranks below r_max are zero-padded, which is exact:
+                                                      the padded rows of A and columns of B add 0
+    term[i] = scalings[idx[i]] · B_bank[idx[i]] · A_bank[idx[i]] · x[i]       (batched matmuls, BGMV-style)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lora_scaling", "delta_weight", "keep_mask", "lora_linear", "add_lora_linear", "lora_embedding",
+           "stack_factors", "lora_linear_rows", "lora_embedding_rows", "adapter_dtype"]
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """α/r, or α/√r for rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters under a half-precision (or quantized) base are kept in float32: their updates are too small
+    for bf16/fp16; otherwise they share the base dtype."""
+    if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point:
+        return torch.float32
+    return base_dtype
+
+
+def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """ΔW = scaling · B @ A, computed in float32.  A: (r, in), B: (out, r) -> (out, in)."""
+    return (B.float() @ A.float()) * scaling
+
+
+def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """Dropout's keep mask for x, i.i.d. Bernoulli(1 - p) (bool, x's shape), and the keep probability.
+
+    Drawn as 16-bit uniform integers, four from each 64-bit word of the global generator: about a third of
+    the cost of F.dropout, whose bernoulli_ draws a float per element.  p is rounded to a multiple of 2^-16
+    (|error| <= 7.7e-6) and the keep probability returned is the exact one, so E[x·keep / kept] = x."""
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)  # all 64 bits
+    lanes = words.view(torch.int16)[:n].view(x.shape)                      # uniform on [-2^15, 2^15)
+    cut = min(round(p * 65536), 65535)                                     # drop a lane when below cut - 2^15
+    return lanes >= cut - 32768, 1.0 - cut / 65536
+
+
+def _adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: float, training: bool,
+                   scale) -> tuple[torch.Tensor, float]:
+    """x in the adapter's dtype (autocast casts inside F.linear itself), dropped out, and the scale to apply
+    to the (..., r) product (dropout's 1/(1-p) included)."""
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        x = x.to(dtype)
+    if dropout and training:
+        keep, kept = keep_mask(x, dropout)
+        x = torch.where(keep, x, 0.0)
+        scale = scale / kept
+    return x, scale
+
+
+def lora_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *, dropout: float = 0.0,
+                training: bool = False) -> torch.Tensor:
+    """The adapter term scaling · B·A·dropout(x).  x: (..., in), A: (r, in), B: (out, r) -> (..., out) in the
+    adapter's dtype (or autocast's)."""
+    x, scale = _adapter_input(x, A.dtype, dropout, training, scaling)
+    return F.linear(F.linear(x, A) * scale, B)
+
+
+def add_lora_linear(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
+                    dropout: float = 0.0, training: bool = False, inplace: bool = False) -> torch.Tensor:
+    """out + scaling · B·A·dropout(x), out: (..., out) the base output.  The final add is fused into the
+    matmul (addmm; in place into `out` when `inplace` — only when nothing else holds `out`): this is the
+    per-token cost of an unmerged adapter."""
+    x, scale = _adapter_input(x, A.dtype, dropout, training, scaling)
+    h = F.linear(x, A) * scale                                                       # (..., r)
+    if out.dtype == h.dtype == B.dtype and out.dim() >= 2 and out.is_contiguous():  # (autocast casts only F.linear)
+        out2d, h2d = out.view(-1, out.shape[-1]), h.reshape(-1, h.shape[-1])
+        if inplace:
+            return out2d.addmm_(h2d, B.T).view(out.shape)
+        return torch.addmm(out2d, h2d, B.T).view(out.shape)
+    return out + F.linear(h, B).to(out.dtype)
+
+
+def lora_embedding(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,
+                   embed_scale: torch.Tensor | None = None, padding_idx=None, max_norm=None, norm_type: float = 2.0,
+                   scale_grad_by_freq: bool = False, sparse: bool = False) -> torch.Tensor:
+    """The adapter term of an embedding: scaling · B·A[:, ids] (· embed_scale, for an embedding that scales its
+    own lookup).  ids: (...) -> (..., dim).  A: (r, num_embeddings), B: (dim, r).  No dropout (the input is ids)."""
+    h = F.embedding(ids, A.T, padding_idx, max_norm, norm_type, scale_grad_by_freq, sparse)   # (..., r)
+    term = F.linear(h, B) * scaling                                                            # (..., dim)
+    return term if embed_scale is None else term * embed_scale.to(term.dtype)
+
+
+def stack_factors(factors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(A_i (r_i, in), B_i (out, r_i))] -> A_bank (n, r_max, in), B_bank (n, out, r_max), zero-padded to the
+    largest rank (exact: padded rows of A meet padded columns of B).  Differentiable in the factors."""
+    r_max = max(A.shape[0] for A, _ in factors)
+    As = [F.pad(A, (0, 0, 0, r_max - A.shape[0])) for A, _ in factors]
+    Bs = [F.pad(B, (0, r_max - B.shape[1])) for _, B in factors]
+    return torch.stack(As), torch.stack(Bs)
+
+
+def _row_scales(scalings: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(bank index per row, clamped so that every row gathers a real slot; scale per row, 0 where idx = -1)."""
+    safe = idx.clamp(min=0)
+    return safe, torch.where(idx >= 0, scalings[safe], torch.zeros((), dtype=scalings.dtype, device=idx.device))
+
+
+def lora_linear_rows(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, scalings: torch.Tensor,
+                     idx: torch.Tensor, *, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """Row i of the batch through adapter idx[i] (-1: no adapter, a zero term).
+
+    x: (batch, ..., in), A_bank: (n, r_max, in), B_bank: (n, out, r_max), scalings: (n,), idx: (batch,) long
+    -> (batch, ..., out) in the bank's dtype (or autocast's)."""
+    safe, scale = _row_scales(scalings, idx)
+    x, drop = _adapter_input(x, A_bank.dtype, dropout, training, 1.0)
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])                                   # (batch, T, in)
+    h = torch.bmm(x3, A_bank[safe].transpose(1, 2))                               # (batch, T, r_max)
+    h = h * (scale * drop).to(h.dtype)[:, None, None]
+    return torch.bmm(h, B_bank[safe].transpose(1, 2)).reshape(*x.shape[:-1], B_bank.shape[1])
+
+
+def lora_embedding_rows(ids: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, scalings: torch.Tensor,
+                        idx: torch.Tensor, *, embed_scale: torch.Tensor | None = None, padding_idx=None,
+                        max_norm=None, scale_grad_by_freq: bool = False, **_) -> torch.Tensor:
+    """Row i of a batch of ids through embedding adapter idx[i] (-1: none).
+
+    ids: (batch, ...), A_bank: (n, r_max, num_embeddings), B_bank: (n, dim, r_max) -> (batch, ..., dim)."""
+    if max_norm is not None or scale_grad_by_freq:
+        raise ValueError("an embedding with max_norm or scale_grad_by_freq cannot route rows to different "
+                         "adapters (the lookup renormalises or rescales per batch); run the adapters one at a time")
+    safe, scale = _row_scales(scalings, idx)
+    flat = ids.reshape(ids.shape[0], -1)                                           # (batch, T)
+    h = A_bank[safe[:, None], :, flat]                                             # (batch, T, r_max)
+    if padding_idx is not None:  # as F.embedding: the padding id's row takes no gradient
+        h = torch.where((flat == padding_idx)[..., None], h.detach(), h)
+    h = h * scale.to(h.dtype)[:, None, None]
+    term = torch.bmm(h, B_bank[safe].transpose(1, 2)).reshape(*ids.shape, B_bank.shape[1])
+    return term if embed_scale is None else term * embed_scale.to(term.dtype)
