@@ -183,15 +183,6 @@ def _probe_findings(probe: ProbeResult) -> list[Finding]:
     return out
 
 
-def _outputs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(input_ids=ids)
-    for name in ("logits", "last_hidden_state"):
-        if getattr(out, name, None) is not None:
-            return getattr(out, name).float()
-    return out[0].float()
-
-
 def probe_model(model: nn.Module, adapter_dir, *, probe_tokens: int = 16, batch: int = 2, seed: int = 0,
                 adapter_name: str = "inspect") -> ProbeResult:
     """Load the adapter into `model` (a transformers model taking input_ids), run random token ids through it
@@ -199,6 +190,7 @@ def probe_model(model: nn.Module, adapter_dir, *, probe_tokens: int = 16, batch:
     from .load import load_adapter
     from .inject import disable_lora
     from .merging import merge, unmerge
+    from .hf import probe_output
     try:
         load_adapter(model, adapter_dir, adapter_name)
     except (ValueError, KeyError, RuntimeError, TypeError) as e:
@@ -208,11 +200,11 @@ def probe_model(model: nn.Module, adapter_dir, *, probe_tokens: int = 16, batch:
     ids = torch.randint(0, vocab, (batch, probe_tokens), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(param.device)
     with disable_lora(model):
-        base = _outputs(model, ids)
-    adapted = _outputs(model, ids)
+        base = probe_output(model, ids)
+    adapted = probe_output(model, ids)
     merge(model, adapter_name)
     try:
-        merged = _outputs(model, ids)
+        merged = probe_output(model, ids)
     finally:
         with warnings.catch_warnings():  # a half-precision base warns that unmerge is not exact: expected here
             warnings.simplefilter("ignore")

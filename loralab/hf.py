@@ -20,7 +20,7 @@ from .atomic import atomic_directory
 from .load import load_adapter
 from .merging import merge_and_unload, untie_adapted_weights
 
-__all__ = ["load_local_model", "merge_model_dir"]
+__all__ = ["load_local_model", "merge_model_dir", "probe_output"]
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json")
 _WRITTEN_BY_SAVE = ("config.json", "generation_config.json")
@@ -41,7 +41,8 @@ def load_local_model(model_dir: str | os.PathLike) -> nn.Module:
     return cls.from_pretrained(model_dir, local_files_only=True, dtype="auto").eval()
 
 
-def _probe_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def probe_output(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's main output for token ids (logits, or the last hidden state), in float32, without autograd."""
     with torch.no_grad():
         out = model(input_ids=ids)
     for name in ("logits", "last_hidden_state"):
@@ -70,13 +71,13 @@ def merge_model_dir(model_dir: str | os.PathLike, adapter_dir: str | os.PathLike
     say(f"loaded adapter {adapter_dir}: {report.modules} modules, fingerprint {report.fingerprint}")
     ids = torch.randint(0, vocab, (2, probe_tokens), generator=torch.Generator().manual_seed(seed))
     ids = ids.to(next(model.parameters()).device)
-    before = _probe_output(model, ids)
+    before = probe_output(model, ids)
     untied = untie_adapted_weights(model)
     if untied:
         say(f"untied {', '.join(untied)} from the adapted weights they shared, so merging changes only the "
             f"adapted layers")
     merge_and_unload(model)
-    diff = (before - _probe_output(model, ids)).abs().max().item()
+    diff = (before - probe_output(model, ids)).abs().max().item()
     say(f"max |unmerged - merged| output difference on the probe batch: {diff:.3e} "
         f"(output scale {before.abs().max().item():.3e})")
     _save_atomic(model, Path(model_dir), out)

@@ -65,17 +65,6 @@ class _Plan:
     saved: dict = None     # module to save path -> {state_dict key: value} for this adapter's own copy
 
 
-@dataclass
-class _Plan:
-    """Everything load_adapter will write, checked before the model is touched."""
-    factors: dict          # module path -> (A (r, in), B (out, r))
-    extras: list           # [(key, model tensor, value)]: written in place (biases, embedding weights)
-    missing: list
-    unexpected: list
-    misshaped: list
-    saved: dict = None     # module to save path -> {state_dict key: value} for this adapter's own copy
-
-
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
                  strict: bool = True, check_fingerprint: bool = True, allow_pickle: bool = False,
                  trainable: bool = False, activate: bool | None = None) -> LoadReport:
