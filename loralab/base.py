@@ -96,6 +96,10 @@ def frozen_base(module: nn.Module) -> FrozenBase:
     Linear / Conv1D / Embedding; TypeError for anything else."""
     if isinstance(module, FrozenBase):
         return module
+    if type(module).__module__.startswith("bitsandbytes"):
+        from .bnb_base import BnbBase, is_bnb_layer
+        if is_bnb_layer(module):
+            return BnbBase(module)
     if isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module):
         if not module.weight.is_floating_point():  # e.g. a bitsandbytes layer subclassing nn.Linear
             raise TypeError(f"{type(module).__name__} stores its weight as {module.weight.dtype}, not as a dense "
