@@ -56,6 +56,9 @@ def test_bytes_constants_and_values_equal_bitsandbytes(shape, dtype, double_quan
         assert torch.equal(state.offset, ref.offset)
         assert torch.equal(state.nested_absmax, ref.state2.absmax)
         assert torch.equal(state.nested_code, ref.state2.code)
+        scales = bnb.dequantize_blockwise(ref.absmax, ref.state2) + ref.offset
+        assert torch.equal(state.block_absmax(), scales)
+        assert torch.equal(nf4_module._block_absmax(state, nf4_module._tables(state.device)), scales)
     values = dequantize_nf4(packed, state)
     assert values.shape == w.shape and values.dtype == dtype
     assert torch.equal(values, ref_values)
@@ -95,14 +98,26 @@ def test_edge_values_equal_bitsandbytes():
             assert torch.equal(dequantize_nf4(packed, state), ref_values)
 
 
-def test_chunk_boundaries_do_not_change_the_result(monkeypatch):
+@pytest.mark.parametrize("threads, slice_size", [(1, 256), (2, 256), (3, 256), (2, 1 << 22)])
+def test_slices_and_threads_do_not_change_the_result(monkeypatch, threads, slice_size):
     w = _weight((50, 77), torch.bfloat16, seed=5)
-    whole = quantize_nf4(w, double_quant=True)
-    values = dequantize_nf4(*whole, dtype=torch.float32)
-    monkeypatch.setattr(nf4_module, "_CHUNK", 256)                               # 16 blocks per step
+    ref_packed, ref, ref_values = _bnb(w, 64, True)
+    monkeypatch.setattr(nf4_module, "_SLICE", slice_size)                        # 4 blocks per op, or all at once
+    monkeypatch.setattr(nf4_module, "_MIN_PART", 512)                            # threads even for this size
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     packed, state = quantize_nf4(w, double_quant=True)
-    assert torch.equal(packed, whole[0]) and torch.equal(state.absmax, whole[1].absmax)
-    assert torch.equal(dequantize_nf4(packed, state, dtype=torch.float32), values)
+    assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
+    assert torch.equal(dequantize_nf4(packed, state), ref_values)
+    with pytest.raises(ValueError, match="element 3001"):                      # NaN in the second part
+        quantize_nf4(torch.cat([w.reshape(-1)[:3001], torch.tensor([float("nan")] * 63, dtype=w.dtype)]))
+    if threads > 1:                                                             # errors come back from threads
+        def work(lo, hi):
+            if lo > 0:
+                raise KeyError("part 2")
+        with pytest.raises(KeyError, match="part 2"):
+            nf4_module._run_split(work, 4096, 64, torch.device("cpu"))
+    with torch.inference_mode():                                                # per-thread modes are carried over
+        assert torch.equal(dequantize_nf4(packed, state), ref_values)
 
 
 def test_codebooks_are_bitsandbytes_and_the_paper():

@@ -2,6 +2,7 @@
 
 from .linear import NF4Linear
 from .model import model_footprint, quantize_model
-from .nf4 import NF4State, dequantize_nf4, quantize_nf4
+from .nf4 import dequantize_nf4, quantize_nf4
+from .state import NF4State
 
 __all__ = ["quantize_nf4", "dequantize_nf4", "NF4State", "NF4Linear", "quantize_model", "model_footprint"]

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .nf4 import DTYPES, NESTED_BLOCKSIZE, NF4State, dequantize_nf4, dynamic_map, quantize_nf4, _check_blocksize
+from .nf4 import dequantize_nf4, dynamic_map, quantize_nf4
+from .state import DTYPES, NESTED_BLOCKSIZE, NF4State, check_blocksize
 
 __all__ = ["NF4Linear"]
 
@@ -69,7 +70,7 @@ class NF4Linear(nn.Module):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"NF4Linear.{name} must be a positive int, got {value!r}")
-        _check_blocksize(blocksize)
+        check_blocksize(blocksize)
         if compute_dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {[str(d) for d in _COMPUTE_DTYPES]}, got {compute_dtype}")
         self.in_features, self.out_features = in_features, out_features

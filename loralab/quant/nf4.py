@@ -26,36 +26,38 @@ Rounding rules, those of bitsandbytes 0.50 (quantize_4bit(..., quant_type="nf4")
     code 0.  (Not always the nearest level: near 0 the grid is coarser than the code.)
 
 Speed: the 4-bit level is found without a search.  Adding 1.5·2^19 in fp32 rounds s exactly to a multiple of
-1/16, naming one of 33 cells that each hold at most one midpoint (the closest two are 0.08 apart), so
-q = below[cell] + (s > midpoint[cell]): two gathers from 33-entry tables and one comparison.  Dequantization
-gathers both levels of a byte at once from a 256-entry table (as one float64) and scales them in place.  The
-work goes chunk by chunk through buffers that stay in cache: no float64 arithmetic, no (n, 16) intermediates.
+1/16 (its ulp), so the low 6 bits of the sum name one of 33 cells that each hold at most one midpoint (the closest
+two are 0.08 apart): q = below[cell] + (s > midpoint[cell]), two gathers from 64-entry tables and a comparison.
+Dequantization gathers both levels of a byte at once from a 256-entry table (as one float64) and scales them in
+place.  On CPU the work is cut into one contiguous part per intra-op thread, each a loop of single-threaded ops
+on 32K-element slices whose buffers stay in L2 (see _run_split): no float64 arithmetic, no (n, 16)
+intermediates, and no thread waiting on another between ops.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["NF4_LEVELS", "BLOCKSIZES", "NESTED_BLOCKSIZE", "NF4State", "quantize_nf4", "dequantize_nf4",
-           "dynamic_map", "nf4_levels"]
+from .state import DTYPES, NESTED_BLOCKSIZE, NF4State, _names, check_blocksize
+
+__all__ = ["NF4_LEVELS", "quantize_nf4", "dequantize_nf4", "dynamic_map", "nf4_levels"]
 
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
               -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
               0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
               0.7229568362236023, 1.0)
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-NESTED_BLOCKSIZE = 256
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_ZERO_CODE = 7                        # NF4_LEVELS[7] == 0.0: the padding nibble
-_MIN_SCALE = 1e-38                    # bitsandbytes' clamp of absmax before dividing
-_MAGIC = 786432.0                     # 1.5 · 2^19: its fp32 ulp is 1/16, so s + _MAGIC rounds s to 1/16
-_MAGIC_INDEX = 0x49400000 - 16        # bits(_MAGIC) - 16: bits(s + _MAGIC) - this = round(16 s) + 16 in [0, 32]
-_CHUNK = 1 << 18                      # elements per step on CPU: ~4.5 MB of buffers, they stay in L2/L3
-_LUT8 = 65536                         # size of the 8-bit quantizer's lookup grid
+_ZERO_CODE = 7                  # NF4_LEVELS[7] == 0.0: the padding nibble
+_MIN_SCALE = 1e-38              # bitsandbytes' clamp of absmax before dividing
+_MAGIC = 786432.0               # 1.5 · 2^19: its fp32 ulp is 1/16, so s + _MAGIC rounds s to a multiple of 1/16
+_LUT8 = 65536                   # size of the 8-bit quantizer's lookup grid
+_SLICE = 1 << 15                # elements per op in a worker: torch's parallel grain (32768), so one thread
+_MIN_PART = 1 << 16             # elements below which the work stays in the calling thread
+_MAX_PARTS = 4                  # more threads would mostly wait for the GIL (held between ops)
 
 
 def nf4_levels(device=None) -> torch.Tensor:
@@ -79,24 +81,26 @@ def dynamic_map() -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Tables:
-    below: torch.Tensor       # (33,) uint8: midpoints below the cell
-    midpoint: torch.Tensor    # (33,) float32: the midpoint inside the cell, 2.0 if none
+    below: torch.Tensor       # (64,) uint8: midpoints below cell j (at index j mod 64, j = round(16 s) in -16..16)
+    midpoint: torch.Tensor    # (64,) float32: the midpoint inside cell j, 2.0 if none
     pairs: torch.Tensor       # (256,) float64 bits of (NF4[b >> 4], NF4[b & 15]): both values of byte b
     levels: torch.Tensor      # (16,) float32
     code8: torch.Tensor       # (256,) float32: dynamic_map()
-    lut8: torch.Tensor        # (65536,) uint8: grid point -> nearest code8 index (bitsandbytes' table)
+    lut8: torch.Tensor        # (65536,) uint8: grid point -> code8 index (bitsandbytes' table)
 
 
 @functools.lru_cache(maxsize=None)
 def _tables(device: torch.device) -> _Tables:
     levels = nf4_levels()
     mids = (levels[:-1] + levels[1:]) / 2                                  # (15,), as bitsandbytes computes them
-    cell = torch.arange(-16, 17, dtype=torch.float32)
-    lo, hi = (cell - 0.5) / 16, (cell + 0.5) / 16                          # exact: the cell's rounding interval
+    cell = torch.arange(-16, 17)
+    lo, hi = (cell - 0.5) / 16, (cell + 0.5) / 16                          # exact: the values rounding to cell
     inside = (mids[None, :] > lo[:, None]) & (mids[None, :] < hi[:, None])  # (33, 15)
     assert inside.sum(1).max() <= 1 and not bool(((mids[None] == lo[:, None]) | (mids[None] == hi[:, None])).any())
-    below = (mids[None, :] < lo[:, None]).sum(1).to(torch.uint8)
-    midpoint = torch.where(inside, mids[None, :], torch.tensor(2.0)).amin(1)
+    below = torch.zeros(64, dtype=torch.uint8)
+    midpoint = torch.full((64,), 2.0)
+    below[cell % 64] = (mids[None, :] < lo[:, None]).sum(1).to(torch.uint8)
+    midpoint[cell % 64] = torch.where(inside, mids[None, :], torch.tensor(2.0)).amin(1)
     byte = torch.arange(256)
     pairs = torch.stack([levels[byte >> 4], levels[byte & 15]], 1).contiguous().view(torch.float64).view(256)
     code8 = dynamic_map()
@@ -105,111 +109,15 @@ def _tables(device: torch.device) -> _Tables:
     return _Tables(*(t.to(device) for t in (below, midpoint, pairs, levels, code8, lut8)))
 
 
-@dataclass(frozen=True, eq=False)
-class NF4State:
-    """What dequantization needs besides the packed codes.  Without double quantization `absmax` is the float32
-    constant of each block; with it, `absmax` holds their uint8 codes and `offset`, `nested_absmax` and
-    `nested_code` the second level.  shape/dtype are the original tensor's."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    blocksize: int
-    absmax: torch.Tensor                         # (num_blocks,) float32, or uint8 with double quantization
-    offset: torch.Tensor | None = None           # () float32: mean of the absmax constants
-    nested_absmax: torch.Tensor | None = None    # (ceil(num_blocks / 256),) float32
-    nested_code: torch.Tensor | None = field(default=None, repr=False)  # (256,) float32: dynamic_map()
-
-    def __post_init__(self):
-        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
-        if self.dtype not in DTYPES:
-            raise ValueError(f"NF4State.dtype must be one of {_names(DTYPES)}, got {self.dtype}")
-        _check_blocksize(self.blocksize)
-        if self.numel == 0:
-            raise ValueError(f"NF4State.shape {self.shape} has no elements")
-        want = (torch.uint8 if self.double_quant else torch.float32, (self.num_blocks,))
-        if (self.absmax.dtype, tuple(self.absmax.shape)) != want:
-            raise ValueError(f"NF4State.absmax must be {want[0]} of shape {want[1]} for shape {self.shape} at "
-                             f"blocksize {self.blocksize}, got {self.absmax.dtype} {tuple(self.absmax.shape)}")
-        nested = (self.offset, self.nested_absmax, self.nested_code)
-        if self.double_quant:
-            if any(t is None for t in nested):
-                raise ValueError("double quantization needs offset, nested_absmax and nested_code together")
-            rows = -(-self.num_blocks // NESTED_BLOCKSIZE)
-            for name, t, shp in (("offset", self.offset, ()), ("nested_absmax", self.nested_absmax, (rows,)),
-                                 ("nested_code", self.nested_code, (256,))):
-                if t.dtype != torch.float32 or tuple(t.shape) != shp:
-                    raise ValueError(f"NF4State.{name} must be float32 of shape {shp}, got {t.dtype} "
-                                     f"{tuple(t.shape)}")
-        elif any(t is not None for t in nested):
-            raise ValueError("offset/nested_absmax/nested_code are only used with uint8 (double-quantized) absmax")
-
-    quant_type = "nf4"
-
-    @property
-    def double_quant(self) -> bool:
-        return self.absmax.dtype == torch.uint8
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def num_blocks(self) -> int:
-        return -(-self.numel // self.blocksize)
-
-    @property
-    def device(self) -> torch.device:
-        return self.absmax.device
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The state's tensors by name (only those present)."""
-        names = ("absmax", "offset", "nested_absmax", "nested_code")
-        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
-
-    def nbytes(self) -> int:
-        """Bytes of every state tensor (absmax, and with double quantization offset, nested absmax and code)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
-
-    def block_absmax(self) -> torch.Tensor:
-        """The float32 scale of each block (num_blocks,), undoing double quantization if used."""
-        if not self.double_quant:
-            return self.absmax
-        values = self.nested_code[self.absmax.long()]                       # (num_blocks,)
-        scale = self.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: values.numel()]
-        return values * scale + self.offset
-
-    def to(self, device) -> "NF4State":
-        return NF4State(self.shape, self.dtype, self.blocksize, **{n: t.to(device) for n, t in self.tensors().items()})
-
-    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, meta): a dict of tensors (for safetensors) and a JSON-able dict; from_tensors inverts it."""
-        meta = {"quant_type": "nf4", "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
-                "blocksize": self.blocksize, "double_quant": self.double_quant}
-        return dict(self.tensors()), meta
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "NF4State":
-        if meta.get("quant_type") != "nf4":
-            raise ValueError(f"not an NF4 state: quant_type is {meta.get('quant_type')!r}")
-        dtypes = {str(d).removeprefix("torch."): d for d in DTYPES}
-        if meta.get("dtype") not in dtypes:
-            raise ValueError(f"NF4 state dtype must be one of {sorted(dtypes)}, got {meta.get('dtype')!r}")
-        want = {"absmax", "offset", "nested_absmax", "nested_code"} if meta.get("double_quant") else {"absmax"}
-        if set(tensors) != want:
-            raise ValueError(f"NF4 state tensors must be {sorted(want)}; missing {sorted(want - set(tensors))}, "
-                             f"unexpected {sorted(set(tensors) - want)}")
-        return cls(tuple(meta["shape"]), dtypes[meta["dtype"]], int(meta["blocksize"]), **tensors)
-
-
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False) -> tuple[torch.Tensor, NF4State]:
     """Quantize w (any shape; float32/float16/bfloat16) to NF4.  Returns (packed (ceil(n/2),) uint8, state).
     Same bytes and constants as bitsandbytes' quantize_4bit(w, blocksize, quant_type="nf4",
     compress_statistics=double_quant)."""
     _check_weight(w)
-    _check_blocksize(blocksize)
+    check_blocksize(blocksize)
     if not isinstance(double_quant, bool):
         raise TypeError(f"double_quant must be True or False, got {double_quant!r}")
-    tables = _tables(w.device)
+    t = _tables(w.device)
     with torch.no_grad():
         flat = w.detach().reshape(-1)
         n = flat.numel()
@@ -217,13 +125,15 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
         absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
         if full:
-            _quantize_blocks(flat[:full], blocksize, packed[: full // 2], absmax[: full // blocksize], tables)
+            _run_split(lambda lo, hi: _quantize_blocks(flat, blocksize, packed, absmax, t, lo, hi), full, blocksize,
+                       w.device)
+            _check_finite(absmax[: full // blocksize], flat, 0)
         if full < n:
-            _quantize_tail(flat[full:], packed[full // 2:], absmax[-1:], tables, full)
+            _quantize_tail(flat[full:], packed[full // 2:], absmax[-1:], t, full)
         if not double_quant:
             return packed, NF4State(tuple(w.shape), w.dtype, blocksize, absmax)
-        codes, offset, nested_absmax = _quantize_absmax(absmax, tables)
-        return packed, NF4State(tuple(w.shape), w.dtype, blocksize, codes, offset, nested_absmax, tables.code8.clone())
+        codes, offset, nested_absmax = _quantize_absmax(absmax, t)
+        return packed, NF4State(tuple(w.shape), w.dtype, blocksize, codes, offset, nested_absmax, t.code8.clone())
 
 
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -240,118 +150,223 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     dtype = state.dtype if dtype is None else dtype
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
-    tables = _tables(packed.device)
+    t = _tables(packed.device)
     with torch.no_grad():
-        absmax = state.block_absmax()
+        absmax = _block_absmax(state, t)
         codes = packed.reshape(-1)
         out = torch.empty(n, dtype=dtype, device=packed.device)
         bs = state.blocksize
         full = n - n % bs
         if full:
-            _dequantize_blocks(codes[: full // 2], absmax[: full // bs], bs, out[:full], tables)
+            _run_split(lambda lo, hi: _dequantize_blocks(codes, absmax, bs, out, t, lo, hi), full, bs, packed.device)
         if full < n:
             tail = codes[full // 2:]
             q = torch.stack([tail >> 4, tail & 15], 1).reshape(-1)[: n - full].long()
-            out[full:] = tables.levels[q] * absmax[-1]
+            out[full:] = t.levels[q] * absmax[-1]
     return out.view(state.shape)
 
 
-# ---- the work, chunk by chunk ---------------------------------------------------------------------------------
+# ---- the work -------------------------------------------------------------------------------------------------
 
-def _step(n: int, blocksize: int, device: torch.device) -> int:
-    chunk = _CHUNK if device.type == "cpu" else 1 << 24
-    return min(n, max(blocksize, chunk // blocksize * blocksize))
+def _run_split(work, n: int, unit: int, device: torch.device) -> None:
+    """work(lo, hi) over [0, n), cut at multiples of `unit` into one contiguous part per intra-op thread.  On CPU
+    the parts run on Python threads, each a loop of ops on slices small enough that torch runs them in the calling
+    thread (torch releases the GIL inside ops).  Between two of torch's own parallel ops every thread waits for the
+    slowest; on a busy machine that wait costs milliseconds per op, here there is one wait at the end."""
+    parts = max(1, min(torch.get_num_threads(), _MAX_PARTS, n // _MIN_PART)) if device.type == "cpu" else 1
+    bounds = [min(n, -(-(n * i // parts) // unit) * unit) for i in range(parts + 1)]
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()   # both are per thread
+    errors: list[BaseException] = []
 
+    def run(lo: int, hi: int) -> None:
+        try:
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                work(lo, hi)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the calling thread)
+            errors.append(e)
 
-def _quantize_blocks(x: torch.Tensor, bs: int, packed: torch.Tensor, absmax: torch.Tensor, t: _Tables) -> None:
-    """x: (m·bs,) -> packed (m·bs/2,) uint8 and absmax (m,) float32, written in place."""
-    n, step, dev = x.numel(), _step(x.numel(), bs, x.device), x.device
-    s_buf, y_buf, mid_buf = (torch.empty(step, dtype=torch.float32, device=dev) for _ in range(3))
-    x_buf = torch.empty(step, dtype=torch.float32, device=dev) if x.dtype != torch.float32 else None
-    idx_buf = torch.empty(step, dtype=torch.int32, device=dev)
-    q_buf = torch.empty(step, dtype=torch.uint8, device=dev)
-    gt_buf = torch.empty(step, dtype=torch.bool, device=dev)
-    for start in range(0, n, step):
-        stop = min(start + step, n)
-        c = stop - start
-        xc = x[start:stop] if x_buf is None else x_buf[:c].copy_(x[start:stop])   # fp16/bf16 -> fp32: exact
-        xb, sb = xc.view(-1, bs), s_buf[:c].view(-1, bs)
-        a = absmax[start // bs: stop // bs]
-        torch.amax(torch.abs(xb, out=sb), dim=1, out=a)                          # (c/bs,)
-        _check_finite(a, x, 0)
-        inv = a.clamp(min=_MIN_SCALE).reciprocal_()
-        s = torch.mul(xb, inv[:, None], out=sb).view(-1)                          # (c,) in [-1, 1]
-        q = _levels(s, t, q_buf[:c], y_buf[:c], idx_buf[:c], mid_buf[:c], gt_buf[:c])
-        torch.add(q[1::2], q[0::2], alpha=16, out=packed[start // 2: stop // 2])  # high nibble first
-
-
-def _levels(s, t: _Tables, q, y, idx, mid, gt) -> torch.Tensor:
-    """q[i] = #{NF4 midpoints < s[i]} (uint8), through the 33 cells of width 1/16 (module docstring)."""
-    torch.add(s, _MAGIC, out=y)
-    torch.sub(y.view(torch.int32), _MAGIC_INDEX, out=idx)                        # round(16 s) + 16
-    torch.index_select(t.below, 0, idx, out=q)
-    torch.index_select(t.midpoint, 0, idx, out=mid)
-    return q.add_(torch.gt(s, mid, out=gt))
+    threads = [threading.Thread(target=run, args=bounds[i:i + 2], daemon=True) for i in range(1, parts)]
+    for thread in threads:
+        thread.start()
+    run(bounds[0], bounds[1])
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
 
 
-def _quantize_tail(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, t: _Tables, offset: int) -> None:
+def _slices(lo: int, hi: int, device: torch.device):
+    step = _SLICE if device.type == "cpu" else hi - lo                      # accelerators: one op per step
+    for start in range(lo, hi, step):
+        yield start, min(start + step, hi)
+
+
+def _step(lo: int, hi: int, device: torch.device, factor: int = 1) -> tuple[int, int, int]:
+    """(step, number of whole steps in [lo, hi), where they end).  Whole steps get their views from one unbind
+    (a Python-level slice or view costs as much as a small op); the short rest is sliced by hand."""
+    step = factor * _SLICE if device.type == "cpu" else hi - lo
+    k = (hi - lo) // step
+    return step, k, lo + k * step
+
+
+class _QuantizeBuffers:
+    """Scratch space for one step of c values (whole blocks of bs), with every view the step needs made once."""
+
+    def __init__(self, c: int, bs: int, convert: bool, device: torch.device, base: dict | None = None):
+        self.base = base or {n: torch.empty(c, dtype=d, device=device) for n, d in (
+            ("s", torch.float32), ("y", torch.float32), ("mid", torch.float32), ("idx", torch.int32),
+            ("q", torch.uint8), ("gt", torch.bool), ("inv", torch.float32))
+            + ((("x", torch.float32),) if convert else ())}
+        self.s, self.y, self.mid, self.idx, self.q, self.gt = (self.base[n][:c]
+                                                                for n in ("s", "y", "mid", "idx", "q", "gt"))
+        self.s2, self.y_bits = self.s.view(-1, bs), self.y.view(torch.int32)
+        self.inv = self.base["inv"][: c // bs]
+        self.inv_col = self.inv.view(-1, 1)
+        self.x2 = self.base["x"][:c].view(-1, bs) if convert else None          # fp16/bf16 input, as fp32
+        self.q_even, self.q_odd = self.q[0::2], self.q[1::2]
+
+    def narrow(self, c: int, bs: int) -> "_QuantizeBuffers":
+        return _QuantizeBuffers(c, bs, self.x2 is not None, self.s.device, self.base)
+
+
+def _quantize_blocks(x, bs: int, packed, absmax, t: _Tables, lo: int, hi: int) -> None:
+    """x[lo:hi] (whole blocks) -> packed[lo/2 : hi/2] uint8 and absmax[lo/bs : hi/bs] float32, in place."""
+    step, k, mid = _step(lo, hi, x.device)
+    buf = _QuantizeBuffers(step, bs, x.dtype != torch.float32, x.device)
+    if k:
+        for xb, a, p in zip(x[lo:mid].view(k, step // bs, bs).unbind(0),
+                            absmax[lo // bs: mid // bs].view(k, step // bs).unbind(0),
+                            packed[lo // 2: mid // 2].view(k, step // 2).unbind(0)):
+            _quantize_step(xb, a, p, buf, t)
+    if mid < hi:
+        _quantize_step(x[mid:hi].view(-1, bs), absmax[mid // bs: hi // bs], packed[mid // 2: hi // 2],
+                       buf.narrow(hi - mid, bs), t)
+
+
+def _quantize_step(xb, a, p, b: _QuantizeBuffers, t: _Tables) -> None:
+    """xb: (c/bs, bs) -> a: (c/bs,) block absmax, p: (c/2,) packed codes."""
+    if b.x2 is not None:
+        xb = b.x2.copy_(xb)                                                     # fp16/bf16 -> fp32: exact
+    torch.amax(torch.abs(xb, out=b.s2), dim=1, out=a)                          # max |x| of each block
+    torch.clamp(a, min=_MIN_SCALE, out=b.inv).reciprocal_()
+    torch.mul(xb, b.inv_col, out=b.s2)                                          # s in [-1, 1]
+    _codes(b, t)
+    torch.add(b.q_odd, b.q_even, alpha=16, out=p)                               # high nibble first
+
+
+def _codes(b: _QuantizeBuffers, t: _Tables) -> None:
+    """b.q[i] = #{NF4 midpoints < b.s[i]}, through the cells of width 1/16 (module docstring)."""
+    torch.add(b.s, _MAGIC, out=b.y)
+    torch.bitwise_and(b.y_bits, 63, out=b.idx)                                  # round(16 s) mod 64; NaN: harmless
+    torch.index_select(t.below, 0, b.idx, out=b.q)
+    torch.index_select(t.midpoint, 0, b.idx, out=b.mid)
+    b.q.add_(torch.gt(b.s, b.mid, out=b.gt))
+
+
+def _quantize_tail(x, packed, absmax, t: _Tables, offset: int) -> None:
     """The short last block (r < blocksize values): bitsandbytes clamps its absmax and divides."""
     x = x.float()
     a = x.abs().amax().clamp(min=_MIN_SCALE)
     _check_finite(a, x, offset)
     absmax.copy_(a.reshape(1))
     r = x.numel()
-    q = _levels(x / a, t, *(torch.empty(r, dtype=d, device=x.device)
-                            for d in (torch.uint8, torch.float32, torch.int32, torch.float32, torch.bool)))
-    if r % 2:
-        q = torch.cat([q, q.new_full((1,), _ZERO_CODE)])
-    torch.add(q[1::2], q[0::2], alpha=16, out=packed)
+    b = _QuantizeBuffers(r + r % 2, r + r % 2, False, x.device)
+    b.s.zero_()                                                                 # an odd count pads with 0.0: code 7
+    torch.div(x, a, out=b.s[:r])
+    _codes(b, t)
+    torch.add(b.q_odd, b.q_even, alpha=16, out=packed)
 
 
-def _dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, bs: int, out: torch.Tensor, t: _Tables) -> None:
-    """packed (m·bs/2,) uint8, absmax (m,) -> out (m·bs,) in out's dtype, written in place."""
-    n, step, dev = out.numel(), _step(out.numel(), bs, out.device), out.device
-    idx_buf = torch.empty(step // 2, dtype=torch.int32, device=dev)
-    f_buf = torch.empty(step, dtype=torch.float32, device=dev) if out.dtype != torch.float32 else None
-    for start in range(0, n, step):
-        stop = min(start + step, n)
+def _dequantize_blocks(packed, absmax, bs: int, out, t: _Tables, lo: int, hi: int) -> None:
+    """packed[lo/2 : hi/2] uint8 and absmax (m,) -> out[lo:hi] in out's dtype, in place.  On CPU a step covers
+    2·_SLICE values: one gather of _SLICE bytes, then the scaling in two halves (each op stays in its thread)."""
+    dev = out.device
+    step, k, mid = _step(lo, hi, dev, 2)
+    half = _SLICE if dev.type == "cpu" else step
+    direct = out.dtype == torch.float32                                          # gather straight into out
+    idx = torch.empty(step // 2, dtype=torch.int32, device=dev)
+    f = None if direct else torch.empty(step, dtype=torch.float32, device=dev)
+    if k and dev.type == "cpu":
+        outs = out[lo:mid].view(2 * k, half // bs, bs).unbind(0)
+        scales = absmax[lo // bs: mid // bs].view(2 * k, half // bs, 1).unbind(0)
+        if direct:
+            gathered, levels = out[lo:mid].view(torch.float64).view(k, step // 2).unbind(0), outs
+        else:
+            gathered, levels = (f.view(torch.float64),) * k, f.view(2, half // bs, bs).unbind(0) * k
+        for i, p in enumerate(packed[lo // 2: mid // 2].view(k, step // 2).unbind(0)):
+            idx.copy_(p)
+            torch.index_select(t.pairs, 0, idx, out=gathered[i])                 # both levels of each byte
+            for h in (2 * i, 2 * i + 1):                                          # NF4[q] · absmax in fp32,
+                torch.mul(levels[h], scales[h], out=outs[h])                      # rounded once to out's dtype
+        lo = mid
+    for start in range(lo, hi, step):                                            # the rest, sliced by hand
+        stop = min(start + step, hi)
         c = stop - start
-        idx = idx_buf[: c // 2].copy_(packed[start // 2: stop // 2])
-        dst = out[start:stop] if f_buf is None else f_buf[:c]
-        torch.index_select(t.pairs, 0, idx, out=dst.view(torch.float64))          # both levels of each byte
-        dst.view(-1, bs).mul_(absmax[start // bs: stop // bs, None])              # NF4[q] · absmax in fp32
-        if f_buf is not None:
-            out[start:stop].copy_(dst)                                            # one rounding to fp16/bf16
+        levels = out[start:stop] if direct else f[:c]
+        torch.index_select(t.pairs, 0, idx[: c // 2].copy_(packed[start // 2: stop // 2]),
+                           out=levels.view(torch.float64))
+        for a in range(start, stop, half):
+            b = min(a + half, stop)
+            torch.mul(levels[a - start: b - start].view(-1, bs), absmax[a // bs: b // bs, None],
+                      out=out[a:b].view(-1, bs))
+
+
+def _block_absmax(state: NF4State, t: _Tables) -> torch.Tensor:
+    """state.block_absmax() (nested_code[q] · nested_absmax + offset, two roundings as bitsandbytes) in slices."""
+    if not state.double_quant:
+        return state.absmax
+    m, dev = state.num_blocks, state.device
+    out = torch.empty(m, dtype=torch.float32, device=dev)
+
+    def work(lo: int, hi: int) -> None:
+        idx_buf = torch.empty(min(_SLICE, hi - lo), dtype=torch.int32, device=dev)
+        for start, stop in _slices(lo, hi, dev):
+            v = torch.index_select(state.nested_code, 0, idx_buf[: stop - start].copy_(state.absmax[start:stop]),
+                                   out=out[start:stop])
+            rows = (stop - start) // NESTED_BLOCKSIZE                            # whole rows, then a short one
+            first = start // NESTED_BLOCKSIZE
+            v[: rows * NESTED_BLOCKSIZE].view(rows, NESTED_BLOCKSIZE).mul_(state.nested_absmax[first: first + rows, None])
+            v[rows * NESTED_BLOCKSIZE:].mul_(state.nested_absmax[first + rows: first + rows + 1])
+            v.add_(state.offset)
+
+    _run_split(work, m, NESTED_BLOCKSIZE, dev)
+    return out
 
 
 def _quantize_absmax(absmax: torch.Tensor, t: _Tables) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Double quantization: absmax (m,) float32 -> (codes (m,) uint8, offset (), nested absmax (ceil(m/256),))."""
-    offset = absmax.mean()
-    x = absmax - offset
-    m, rows = x.numel(), -(-x.numel() // NESTED_BLOCKSIZE)
-    xb = torch.cat([x, x.new_zeros(rows * NESTED_BLOCKSIZE - m)]).view(rows, NESTED_BLOCKSIZE)  # zeros: no effect
-    a = xb.abs().amax(1)                                                         # (rows,)
-    inv = torch.where(a == 0, torch.zeros_like(a), a.reciprocal())
-    v = (xb * inv[:, None]).clamp_(-1, 1)
-    k = v.add_(1.0).mul_(0.5).mul_(_LUT8 - 1).add_(0.5).to(torch.int64)        # trunc(((v+1)·0.5)·65535 + 0.5)
-    codes = t.lut8[k]
-    codes[a == 0] = 0                                                            # bitsandbytes: a zero block -> 0
-    return codes.reshape(-1)[:m].contiguous(), offset, a
+    offset = absmax.mean()                                  # the same reduction as bitsandbytes, in this thread
+    m, dev = absmax.numel(), absmax.device
+    codes = torch.empty(m, dtype=torch.uint8, device=dev)
+    nested = torch.empty(-(-m // NESTED_BLOCKSIZE), dtype=torch.float32, device=dev)
+
+    def work(lo: int, hi: int) -> None:
+        for start, stop in _slices(lo, hi, dev):
+            c, rows = stop - start, -(-(stop - start) // NESTED_BLOCKSIZE)
+            x = torch.zeros(rows * NESTED_BLOCKSIZE, dtype=torch.float32, device=dev)  # zero padding: no effect
+            torch.sub(absmax[start:stop], offset, out=x[:c])
+            xb = x.view(rows, NESTED_BLOCKSIZE)
+            a = torch.amax(xb.abs(), dim=1, out=nested[start // NESTED_BLOCKSIZE: start // NESTED_BLOCKSIZE + rows])
+            inv = torch.where(a == 0, torch.zeros_like(a), a.reciprocal())
+            v = torch.mul(xb, inv[:, None]).clamp_(-1, 1)
+            k = v.add_(1.0).mul_(0.5).mul_(_LUT8 - 1).add_(0.5).to(torch.int32)  # trunc(((v+1)·0.5)·65535 + 0.5)
+            q = torch.index_select(t.lut8, 0, k.view(-1)).view(rows, NESTED_BLOCKSIZE)
+            q.masked_fill_((a == 0)[:, None], 0)                                # bitsandbytes: a zero block -> 0
+            codes[start:stop] = q.view(-1)[:c]
+
+    _run_split(work, m, NESTED_BLOCKSIZE, dev)
+    return codes, offset, nested
 
 
 # ---- argument checks ------------------------------------------------------------------------------------------
 
 def _check_finite(absmax: torch.Tensor, x: torch.Tensor, offset: int) -> None:
-    """amax propagates NaN and Inf, so checking the block constants checks every value (x starts at `offset`
-    of the flattened tensor)."""
-    if not bool(torch.isfinite(absmax).all()):
+    """max propagates NaN and Inf, so checking the largest block constant checks every value (x starts at
+    `offset` of the flattened tensor)."""
+    if not bool(torch.isfinite(absmax.max())):
         bad = torch.nonzero(~torch.isfinite(x))[0].item()
         raise ValueError(f"cannot quantize a tensor with NaN/Inf: element {offset + bad} (flattened) is "
                          f"{x[bad].item()}")
-
-
-def _names(dtypes) -> str:
-    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
 
 
 def _check_weight(w) -> None:
@@ -364,8 +379,3 @@ def _check_weight(w) -> None:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")
     if w.device.type == "meta":
         raise ValueError("cannot quantize a tensor on the meta device: it has no values; load the weights first")
-
-
-def _check_blocksize(blocksize) -> None:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize not in BLOCKSIZES:
-        raise ValueError(f"blocksize must be one of {BLOCKSIZES} (bitsandbytes' sizes), got {blocksize!r}")
