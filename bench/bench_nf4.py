@@ -9,6 +9,7 @@ dequantize within 1.5x of its time.  The outputs are checked to be bit-equal fir
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -87,7 +88,9 @@ def measure(rounds: int = ROUNDS) -> dict[str, dict]:
 
 
 def main() -> str:
+    load_before = os.getloadavg()[0]
     results = measure()
+    load_after = os.getloadavg()[0]
     rows = [f"| {name} | {r['ours_ms']:.1f} ms | {r['theirs_ms']:.1f} ms | {r['ratio']:.2f}x "
             f"({1 / r['ratio']:.2f}x faster) | {r['target']} | {'pass' if r['pass'] else 'FAIL'} |"
             for name, r in results.items()]
@@ -98,7 +101,8 @@ def main() -> str:
         f"A {SHAPE[0]}x{SHAPE[1]} fp32 matrix (bf16 for the bf16 case), blocksize 64, NF4; bitsandbytes "
         f"{bitsandbytes.__version__} on CPU. Median of {ROUNDS} interleaved rounds; the ratio is loralab's time over "
         f"bitsandbytes' (median of per-round ratios). Codes, block constants (nested too) and dequantized values "
-        f"were checked bit-equal before timing.",
+        f"were checked bit-equal before timing. Load average {load_before:.1f} before, {load_after:.1f} after "
+        f"(2 cores).",
         "",
         "| operation | loralab | bitsandbytes | loralab / bitsandbytes | target | |",
         "|---|---:|---:|---:|---|---|",

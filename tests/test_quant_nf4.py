@@ -120,6 +120,19 @@ def test_slices_and_threads_do_not_change_the_result(monkeypatch, threads, slice
         assert torch.equal(dequantize_nf4(packed, state), ref_values)
 
 
+def test_the_accelerator_path_gives_the_same_bytes(monkeypatch):
+    """Large ops in the calling thread (what CUDA runs), checked here on CPU."""
+    w = _weight((50, 77), torch.bfloat16, seed=6)
+    ref_packed, ref, ref_values = _bnb(w, 64, True)
+    values32 = dequantize_nf4(*quantize_nf4(w, double_quant=True), torch.float32)
+    monkeypatch.setattr(nf4_module, "_on_cpu", lambda device: False)
+    monkeypatch.setattr(nf4_module, "_ACCELERATOR_STEP", 1024)                  # several steps and a rest
+    packed, state = quantize_nf4(w, double_quant=True)
+    assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
+    assert torch.equal(dequantize_nf4(packed, state), ref_values)
+    assert torch.equal(dequantize_nf4(packed, state, torch.float32), values32)
+
+
 def test_codebooks_are_bitsandbytes_and_the_paper():
     assert torch.equal(LEVELS, bnb.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(dynamic_map(), bnb.create_dynamic_map())
@@ -278,6 +291,16 @@ def test_forward_and_backward_equal_autograd_on_the_dense_weight(double_quant, c
     assert torch.equal(y, ref_y)
     torch.testing.assert_close(x.grad, ref_grad_x, rtol=1e-6, atol=1e-6)
     assert layer.bias.grad is None and not any(p.requires_grad for p in layer.parameters())
+
+
+def test_inference_mode_and_no_grad_give_the_same_output():
+    layer = _nf4_linear(in_f=256, out_f=512)                                   # large enough to split in threads
+    x = torch.randn(3, 256)
+    y = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), y)
 
 
 def test_an_unfrozen_bias_gets_its_gradient():

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .state import DTYPES, NESTED_BLOCKSIZE, NF4State, _names, check_blocksize
+from .state import DTYPES, NESTED_BLOCKSIZE, NF4State, check_blocksize, dtype_names
 
 __all__ = ["NF4_LEVELS", "quantize_nf4", "dequantize_nf4", "dynamic_map", "nf4_levels"]
 
@@ -51,13 +51,14 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
               -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
               0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
               0.7229568362236023, 1.0)
-_ZERO_CODE = 7                  # NF4_LEVELS[7] == 0.0: the padding nibble
 _MIN_SCALE = 1e-38              # bitsandbytes' clamp of absmax before dividing
 _MAGIC = 786432.0               # 1.5 · 2^19: its fp32 ulp is 1/16, so s + _MAGIC rounds s to a multiple of 1/16
 _LUT8 = 65536                   # size of the 8-bit quantizer's lookup grid
 _SLICE = 1 << 15                # elements per op in a worker: torch's parallel grain (32768), so one thread
 _MIN_PART = 1 << 16             # elements below which the work stays in the calling thread
 _MAX_PARTS = 4                  # more threads would mostly wait for the GIL (held between ops)
+_BATCH = 8                      # dequantization steps per foreach call
+_ACCELERATOR_STEP = 1 << 24     # values per op on other devices (bounds the scratch memory)
 
 
 def nf4_levels(device=None) -> torch.Tensor:
@@ -173,7 +174,7 @@ def _run_split(work, n: int, unit: int, device: torch.device) -> None:
     the parts run on Python threads, each a loop of ops on slices small enough that torch runs them in the calling
     thread (torch releases the GIL inside ops).  Between two of torch's own parallel ops every thread waits for the
     slowest; on a busy machine that wait costs milliseconds per op, here there is one wait at the end."""
-    parts = max(1, min(torch.get_num_threads(), _MAX_PARTS, n // _MIN_PART)) if device.type == "cpu" else 1
+    parts = max(1, min(torch.get_num_threads(), _MAX_PARTS, n // _MIN_PART)) if _on_cpu(device) else 1
     bounds = [min(n, -(-(n * i // parts) // unit) * unit) for i in range(parts + 1)]
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()   # both are per thread
     errors: list[BaseException] = []
@@ -195,8 +196,14 @@ def _run_split(work, n: int, unit: int, device: torch.device) -> None:
         raise errors[0]
 
 
+def _on_cpu(device: torch.device) -> bool:
+    """CPU: small single-threaded ops on Python threads.  Elsewhere (CUDA, ...) large ops, _ACCELERATOR_STEP
+    values at a time, in the calling thread."""
+    return device.type == "cpu"
+
+
 def _slices(lo: int, hi: int, device: torch.device):
-    step = _SLICE if device.type == "cpu" else hi - lo                      # accelerators: one op per step
+    step = _SLICE if _on_cpu(device) else _ACCELERATOR_STEP
     for start in range(lo, hi, step):
         yield start, min(start + step, hi)
 
@@ -204,7 +211,7 @@ def _slices(lo: int, hi: int, device: torch.device):
 def _step(lo: int, hi: int, device: torch.device, factor: int = 1) -> tuple[int, int, int]:
     """(step, number of whole steps in [lo, hi), where they end).  Whole steps get their views from one unbind
     (a Python-level slice or view costs as much as a small op); the short rest is sliced by hand."""
-    step = factor * _SLICE if device.type == "cpu" else hi - lo
+    step = factor * _SLICE if _on_cpu(device) else min(_ACCELERATOR_STEP, hi - lo)
     k = (hi - lo) // step
     return step, k, lo + k * step
 
@@ -279,26 +286,36 @@ def _quantize_tail(x, packed, absmax, t: _Tables, offset: int) -> None:
 
 def _dequantize_blocks(packed, absmax, bs: int, out, t: _Tables, lo: int, hi: int) -> None:
     """packed[lo/2 : hi/2] uint8 and absmax (m,) -> out[lo:hi] in out's dtype, in place.  On CPU a step covers
-    2·_SLICE values: one gather of _SLICE bytes, then the scaling in two halves (each op stays in its thread)."""
+    2·_SLICE values (one gather of _SLICE bytes) and _BATCH steps share each foreach call (index conversion,
+    scaling in halves of _SLICE, the cast to fp16/bf16): one Python call for many small single-threaded ops.
+    Every op writes into a buffer made once: a fresh temporary of 128 KB is a new mmap (and page faults)."""
     dev = out.device
     step, k, mid = _step(lo, hi, dev, 2)
-    half = _SLICE if dev.type == "cpu" else step
+    half = _SLICE if _on_cpu(dev) else step
     direct = out.dtype == torch.float32                                          # gather straight into out
-    idx = torch.empty(step // 2, dtype=torch.int32, device=dev)
-    f = None if direct else torch.empty(step, dtype=torch.float32, device=dev)
-    if k and dev.type == "cpu":
+    if k and _on_cpu(dev):
+        nb = min(_BATCH, k)
+        idx = torch.empty(nb, step // 2, dtype=torch.int32, device=dev).unbind(0)
+        steps = packed[lo // 2: mid // 2].view(k, step // 2).unbind(0)
         outs = out[lo:mid].view(2 * k, half // bs, bs).unbind(0)
         scales = absmax[lo // bs: mid // bs].view(2 * k, half // bs, 1).unbind(0)
         if direct:
-            gathered, levels = out[lo:mid].view(torch.float64).view(k, step // 2).unbind(0), outs
+            gathered = out[lo:mid].view(torch.float64).view(k, step // 2).unbind(0)
         else:
-            gathered, levels = (f.view(torch.float64),) * k, f.view(2, half // bs, bs).unbind(0) * k
-        for i, p in enumerate(packed[lo // 2: mid // 2].view(k, step // 2).unbind(0)):
-            idx.copy_(p)
-            torch.index_select(t.pairs, 0, idx, out=gathered[i])                 # both levels of each byte
-            for h in (2 * i, 2 * i + 1):                                          # NF4[q] · absmax in fp32,
-                torch.mul(levels[h], scales[h], out=outs[h])                      # rounded once to out's dtype
+            f = torch.empty(nb, step, dtype=torch.float32, device=dev)
+            gathered, f_halves = f.view(torch.float64).unbind(0), f.view(2 * nb, half // bs, bs).unbind(0)
+        for b0 in range(0, k, nb):
+            m = min(nb, k - b0)
+            torch._foreach_copy_(idx[:m], steps[b0: b0 + m])                       # uint8 -> int32
+            for j in range(m):                                                      # both levels of each byte
+                torch.index_select(t.pairs, 0, idx[j], out=gathered[b0 + j] if direct else gathered[j])
+            levels = outs[2 * b0: 2 * (b0 + m)] if direct else f_halves[: 2 * m]
+            torch._foreach_mul_(levels, scales[2 * b0: 2 * (b0 + m)])              # NF4[q] · absmax in fp32
+            if not direct:
+                torch._foreach_copy_(outs[2 * b0: 2 * (b0 + m)], levels)            # rounded once to fp16/bf16
         lo = mid
+    idx = torch.empty(min(step, hi - lo) // 2, dtype=torch.int32, device=dev)
+    f = None if direct else torch.empty(min(step, hi - lo), dtype=torch.float32, device=dev)
     for start in range(lo, hi, step):                                            # the rest, sliced by hand
         stop = min(start + step, hi)
         c = stop - start
@@ -307,8 +324,10 @@ def _dequantize_blocks(packed, absmax, bs: int, out, t: _Tables, lo: int, hi: in
                            out=levels.view(torch.float64))
         for a in range(start, stop, half):
             b = min(a + half, stop)
-            torch.mul(levels[a - start: b - start].view(-1, bs), absmax[a // bs: b // bs, None],
-                      out=out[a:b].view(-1, bs))
+            part = levels[a - start: b - start]
+            part.view(-1, bs).mul_(absmax[a // bs: b // bs, None])
+            if not direct:
+                out[a:b].copy_(part)
 
 
 def _block_absmax(state: NF4State, t: _Tables) -> torch.Tensor:
@@ -373,7 +392,7 @@ def _check_weight(w) -> None:
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize_nf4 takes a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in DTYPES:
-        raise TypeError(f"quantize_nf4 takes {_names(DTYPES)} tensors (as bitsandbytes), got {w.dtype}; "
+        raise TypeError(f"quantize_nf4 takes {dtype_names(DTYPES)} tensors (as bitsandbytes), got {w.dtype}; "
                         f"convert it first, e.g. w.float()")
     if w.numel() == 0:
         raise ValueError(f"cannot quantize an empty tensor (shape {tuple(w.shape)})")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["NF4State", "BLOCKSIZES", "NESTED_BLOCKSIZE", "DTYPES"]
+__all__ = ["NF4State", "BLOCKSIZES", "NESTED_BLOCKSIZE", "DTYPES", "check_blocksize", "dtype_names"]
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -43,8 +43,14 @@ class NF4State:
     def __post_init__(self):
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         if self.dtype not in DTYPES:
-            raise ValueError(f"NF4State.dtype must be one of {_names(DTYPES)}, got {self.dtype}")
+            raise ValueError(f"NF4State.dtype must be one of {dtype_names(DTYPES)}, got {self.dtype}")
         check_blocksize(self.blocksize)
+        tensors = [t for t in (self.absmax, self.offset, self.nested_absmax, self.nested_code) if t is not None]
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise TypeError("NF4State's absmax/offset/nested_absmax/nested_code must be tensors")
+        if len({t.device for t in tensors}) > 1:
+            raise ValueError(f"NF4State tensors are on several devices ({sorted({str(t.device) for t in tensors})}); "
+                             f"move them together with .to(device)")
         if self.numel == 0:
             raise ValueError(f"NF4State.shape {self.shape} has no elements")
         want = (torch.uint8 if self.double_quant else torch.float32, (self.num_blocks,))
@@ -127,5 +133,5 @@ def check_blocksize(blocksize) -> None:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES} (bitsandbytes' sizes), got {blocksize!r}")
 
 
-def _names(dtypes) -> str:
+def dtype_names(dtypes) -> str:
     return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
