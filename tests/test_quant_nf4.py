@@ -1,8 +1,6 @@
 """NF4: bytes and constants equal to bitsandbytes', the quantizer's math (property tests), NF4Linear against a dense
 reference with autograd, files, and quantize_model on a tiny Llama."""
 
-import math
-
 import bitsandbytes.functional as bnb
 import pytest
 import torch
@@ -13,6 +11,7 @@ from torch import nn
 from conftest import tiny_llama
 from loralab.quant import NF4Linear, NF4State, dequantize_nf4, model_footprint, quantize_model, quantize_nf4
 from loralab.quant import nf4 as nf4_module
+from loralab.quant import parallel
 from loralab.quant.nf4 import NF4_LEVELS, dynamic_map
 
 LEVELS = torch.tensor(NF4_LEVELS)
@@ -102,8 +101,8 @@ def test_edge_values_equal_bitsandbytes():
 def test_slices_and_threads_do_not_change_the_result(monkeypatch, threads, slice_size):
     w = _weight((50, 77), torch.bfloat16, seed=5)
     ref_packed, ref, ref_values = _bnb(w, 64, True)
-    monkeypatch.setattr(nf4_module, "_SLICE", slice_size)                        # 4 blocks per op, or all at once
-    monkeypatch.setattr(nf4_module, "_MIN_PART", 512)                            # threads even for this size
+    monkeypatch.setattr(parallel, "SLICE", slice_size)                        # 4 blocks per op, or all at once
+    monkeypatch.setattr(parallel, "MIN_PART", 512)                            # threads even for this size
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     packed, state = quantize_nf4(w, double_quant=True)
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
@@ -115,7 +114,7 @@ def test_slices_and_threads_do_not_change_the_result(monkeypatch, threads, slice
             if lo > 0:
                 raise KeyError("part 2")
         with pytest.raises(KeyError, match="part 2"):
-            nf4_module._run_split(work, 4096, 64, torch.device("cpu"))
+            parallel.run_split(work, 4096, 64, torch.device("cpu"))
     with torch.inference_mode():                                                # per-thread modes are carried over
         assert torch.equal(dequantize_nf4(packed, state), ref_values)
 
@@ -125,8 +124,8 @@ def test_the_accelerator_path_gives_the_same_bytes(monkeypatch):
     w = _weight((50, 77), torch.bfloat16, seed=6)
     ref_packed, ref, ref_values = _bnb(w, 64, True)
     values32 = dequantize_nf4(*quantize_nf4(w, double_quant=True), torch.float32)
-    monkeypatch.setattr(nf4_module, "_on_cpu", lambda device: False)
-    monkeypatch.setattr(nf4_module, "_ACCELERATOR_STEP", 1024)                  # several steps and a rest
+    monkeypatch.setattr(parallel, "on_cpu", lambda device: False)
+    monkeypatch.setattr(parallel, "ACCELERATOR_STEP", 1024)                  # several steps and a rest
     packed, state = quantize_nf4(w, double_quant=True)
     assert torch.equal(packed, ref_packed) and torch.equal(state.absmax, ref.absmax)
     assert torch.equal(dequantize_nf4(packed, state), ref_values)

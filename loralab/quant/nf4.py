@@ -30,19 +30,18 @@ Speed: the 4-bit level is found without a search.  Adding 1.5·2^19 in fp32 roun
 two are 0.08 apart): q = below[cell] + (s > midpoint[cell]), two gathers from 64-entry tables and a comparison.
 Dequantization gathers both levels of a byte at once from a 256-entry table (as one float64) and scales them in
 place.  On CPU the work is cut into one contiguous part per intra-op thread, each a loop of single-threaded ops
-on 32K-element slices whose buffers stay in L2 (see _run_split): no float64 arithmetic, no (n, 16)
+on 32K-element slices whose buffers stay in L2 (see parallel.py): no float64 arithmetic, no (n, 16)
 intermediates, and no thread waiting on another between ops.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-import threading
 from dataclasses import dataclass
 
 import torch
 
+from . import parallel
 from .state import DTYPES, NESTED_BLOCKSIZE, NF4State, check_blocksize, dtype_names
 
 __all__ = ["NF4_LEVELS", "quantize_nf4", "dequantize_nf4", "dynamic_map", "nf4_levels"]
@@ -54,11 +53,7 @@ NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.394917488098144
 _MIN_SCALE = 1e-38              # bitsandbytes' clamp of absmax before dividing
 _MAGIC = 786432.0               # 1.5 · 2^19: its fp32 ulp is 1/16, so s + _MAGIC rounds s to a multiple of 1/16
 _LUT8 = 65536                   # size of the 8-bit quantizer's lookup grid
-_SLICE = 1 << 15                # elements per op in a worker: torch's parallel grain (32768), so one thread
-_MIN_PART = 1 << 16             # elements below which the work stays in the calling thread
-_MAX_PARTS = 4                  # more threads would mostly wait for the GIL (held between ops)
 _BATCH = 8                      # dequantization steps per foreach call
-_ACCELERATOR_STEP = 1 << 24     # values per op on other devices (bounds the scratch memory)
 
 
 def nf4_levels(device=None) -> torch.Tensor:
@@ -126,7 +121,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
         absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
         if full:
-            _run_split(lambda lo, hi: _quantize_blocks(flat, blocksize, packed, absmax, t, lo, hi), full, blocksize,
+            parallel.run_split(lambda lo, hi: _quantize_blocks(flat, blocksize, packed, absmax, t, lo, hi), full, blocksize,
                        w.device)
             _check_finite(absmax[: full // blocksize], flat, 0)
         if full < n:
@@ -159,7 +154,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
         bs = state.blocksize
         full = n - n % bs
         if full:
-            _run_split(lambda lo, hi: _dequantize_blocks(codes, absmax, bs, out, t, lo, hi), full, bs, packed.device)
+            parallel.run_split(lambda lo, hi: _dequantize_blocks(codes, absmax, bs, out, t, lo, hi), full, bs, packed.device)
         if full < n:
             tail = codes[full // 2:]
             q = torch.stack([tail >> 4, tail & 15], 1).reshape(-1)[: n - full].long()
@@ -168,53 +163,6 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
 
 
 # ---- the work -------------------------------------------------------------------------------------------------
-
-def _run_split(work, n: int, unit: int, device: torch.device) -> None:
-    """work(lo, hi) over [0, n), cut at multiples of `unit` into one contiguous part per intra-op thread.  On CPU
-    the parts run on Python threads, each a loop of ops on slices small enough that torch runs them in the calling
-    thread (torch releases the GIL inside ops).  Between two of torch's own parallel ops every thread waits for the
-    slowest; on a busy machine that wait costs milliseconds per op, here there is one wait at the end."""
-    parts = max(1, min(torch.get_num_threads(), _MAX_PARTS, n // _MIN_PART)) if _on_cpu(device) else 1
-    bounds = [min(n, -(-(n * i // parts) // unit) * unit) for i in range(parts + 1)]
-    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()   # both are per thread
-    errors: list[BaseException] = []
-
-    def run(lo: int, hi: int) -> None:
-        try:
-            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-                work(lo, hi)
-        except BaseException as e:  # noqa: BLE001  (re-raised in the calling thread)
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=bounds[i:i + 2], daemon=True) for i in range(1, parts)]
-    for thread in threads:
-        thread.start()
-    run(bounds[0], bounds[1])
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-
-
-def _on_cpu(device: torch.device) -> bool:
-    """CPU: small single-threaded ops on Python threads.  Elsewhere (CUDA, ...) large ops, _ACCELERATOR_STEP
-    values at a time, in the calling thread."""
-    return device.type == "cpu"
-
-
-def _slices(lo: int, hi: int, device: torch.device):
-    step = _SLICE if _on_cpu(device) else _ACCELERATOR_STEP
-    for start in range(lo, hi, step):
-        yield start, min(start + step, hi)
-
-
-def _step(lo: int, hi: int, device: torch.device, factor: int = 1) -> tuple[int, int, int]:
-    """(step, number of whole steps in [lo, hi), where they end).  Whole steps get their views from one unbind
-    (a Python-level slice or view costs as much as a small op); the short rest is sliced by hand."""
-    step = factor * _SLICE if _on_cpu(device) else min(_ACCELERATOR_STEP, hi - lo)
-    k = (hi - lo) // step
-    return step, k, lo + k * step
-
 
 class _QuantizeBuffers:
     """Scratch space for one step of c values (whole blocks of bs), with every view the step needs made once."""
@@ -238,7 +186,7 @@ class _QuantizeBuffers:
 
 def _quantize_blocks(x, bs: int, packed, absmax, t: _Tables, lo: int, hi: int) -> None:
     """x[lo:hi] (whole blocks) -> packed[lo/2 : hi/2] uint8 and absmax[lo/bs : hi/bs] float32, in place."""
-    step, k, mid = _step(lo, hi, x.device)
+    step, k, mid = parallel.whole_steps(lo, hi, x.device)
     buf = _QuantizeBuffers(step, bs, x.dtype != torch.float32, x.device)
     if k:
         for xb, a, p in zip(x[lo:mid].view(k, step // bs, bs).unbind(0),
@@ -286,14 +234,14 @@ def _quantize_tail(x, packed, absmax, t: _Tables, offset: int) -> None:
 
 def _dequantize_blocks(packed, absmax, bs: int, out, t: _Tables, lo: int, hi: int) -> None:
     """packed[lo/2 : hi/2] uint8 and absmax (m,) -> out[lo:hi] in out's dtype, in place.  On CPU a step covers
-    2·_SLICE values (one gather of _SLICE bytes) and _BATCH steps share each foreach call (index conversion,
-    scaling in halves of _SLICE, the cast to fp16/bf16): one Python call for many small single-threaded ops.
+    2·SLICE values (one gather of SLICE bytes) and _BATCH steps share each foreach call (index conversion,
+    scaling in halves of SLICE, the cast to fp16/bf16): one Python call for many small single-threaded ops.
     Every op writes into a buffer made once: a fresh temporary of 128 KB is a new mmap (and page faults)."""
     dev = out.device
-    step, k, mid = _step(lo, hi, dev, 2)
-    half = _SLICE if _on_cpu(dev) else step
+    step, k, mid = parallel.whole_steps(lo, hi, dev, 2)
+    half = parallel.SLICE if parallel.on_cpu(dev) else step
     direct = out.dtype == torch.float32                                          # gather straight into out
-    if k and _on_cpu(dev):
+    if k and parallel.on_cpu(dev):
         nb = min(_BATCH, k)
         idx = torch.empty(nb, step // 2, dtype=torch.int32, device=dev).unbind(0)
         steps = packed[lo // 2: mid // 2].view(k, step // 2).unbind(0)
@@ -338,8 +286,8 @@ def _block_absmax(state: NF4State, t: _Tables) -> torch.Tensor:
     out = torch.empty(m, dtype=torch.float32, device=dev)
 
     def work(lo: int, hi: int) -> None:
-        idx_buf = torch.empty(min(_SLICE, hi - lo), dtype=torch.int32, device=dev)
-        for start, stop in _slices(lo, hi, dev):
+        idx_buf = torch.empty(min(parallel.SLICE, hi - lo), dtype=torch.int32, device=dev)
+        for start, stop in parallel.slices(lo, hi, dev):
             v = torch.index_select(state.nested_code, 0, idx_buf[: stop - start].copy_(state.absmax[start:stop]),
                                    out=out[start:stop])
             rows = (stop - start) // NESTED_BLOCKSIZE                            # whole rows, then a short one
@@ -348,7 +296,7 @@ def _block_absmax(state: NF4State, t: _Tables) -> torch.Tensor:
             v[rows * NESTED_BLOCKSIZE:].mul_(state.nested_absmax[first + rows: first + rows + 1])
             v.add_(state.offset)
 
-    _run_split(work, m, NESTED_BLOCKSIZE, dev)
+    parallel.run_split(work, m, NESTED_BLOCKSIZE, dev)
     return out
 
 
@@ -360,7 +308,7 @@ def _quantize_absmax(absmax: torch.Tensor, t: _Tables) -> tuple[torch.Tensor, to
     nested = torch.empty(-(-m // NESTED_BLOCKSIZE), dtype=torch.float32, device=dev)
 
     def work(lo: int, hi: int) -> None:
-        for start, stop in _slices(lo, hi, dev):
+        for start, stop in parallel.slices(lo, hi, dev):
             c, rows = stop - start, -(-(stop - start) // NESTED_BLOCKSIZE)
             x = torch.zeros(rows * NESTED_BLOCKSIZE, dtype=torch.float32, device=dev)  # zero padding: no effect
             torch.sub(absmax[start:stop], offset, out=x[:c])
@@ -373,7 +321,7 @@ def _quantize_absmax(absmax: torch.Tensor, t: _Tables) -> tuple[torch.Tensor, to
             q.masked_fill_((a == 0)[:, None], 0)                                # bitsandbytes: a zero block -> 0
             codes[start:stop] = q.view(-1)[:c]
 
-    _run_split(work, m, NESTED_BLOCKSIZE, dev)
+    parallel.run_split(work, m, NESTED_BLOCKSIZE, dev)
     return codes, offset, nested
 
 
