@@ -121,8 +121,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
         packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=w.device)
         absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device)
         if full:
-            parallel.run_split(lambda lo, hi: _quantize_blocks(flat, blocksize, packed, absmax, t, lo, hi), full, blocksize,
-                       w.device)
+            parallel.run_split(lambda lo, hi: _quantize_blocks(flat, blocksize, packed, absmax, t, lo, hi),
+                               full, blocksize, w.device)
             _check_finite(absmax[: full // blocksize], flat, 0)
         if full < n:
             _quantize_tail(flat[full:], packed[full // 2:], absmax[-1:], t, full)
@@ -154,7 +154,8 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
         bs = state.blocksize
         full = n - n % bs
         if full:
-            parallel.run_split(lambda lo, hi: _dequantize_blocks(codes, absmax, bs, out, t, lo, hi), full, bs, packed.device)
+            parallel.run_split(lambda lo, hi: _dequantize_blocks(codes, absmax, bs, out, t, lo, hi),
+                               full, bs, packed.device)
         if full < n:
             tail = codes[full // 2:]
             q = torch.stack([tail >> 4, tail & 15], 1).reshape(-1)[: n - full].long()
@@ -290,10 +291,10 @@ def _block_absmax(state: NF4State, t: _Tables) -> torch.Tensor:
         for start, stop in parallel.slices(lo, hi, dev):
             v = torch.index_select(state.nested_code, 0, idx_buf[: stop - start].copy_(state.absmax[start:stop]),
                                    out=out[start:stop])
-            rows = (stop - start) // NESTED_BLOCKSIZE                            # whole rows, then a short one
-            first = start // NESTED_BLOCKSIZE
-            v[: rows * NESTED_BLOCKSIZE].view(rows, NESTED_BLOCKSIZE).mul_(state.nested_absmax[first: first + rows, None])
-            v[rows * NESTED_BLOCKSIZE:].mul_(state.nested_absmax[first + rows: first + rows + 1])
+            rows, first = (stop - start) // NESTED_BLOCKSIZE, start // NESTED_BLOCKSIZE   # whole rows, then the rest
+            scale = state.nested_absmax[first: first + rows + 1]
+            v[: rows * NESTED_BLOCKSIZE].view(rows, NESTED_BLOCKSIZE).mul_(scale[:rows, None])
+            v[rows * NESTED_BLOCKSIZE:].mul_(scale[rows:])
             v.add_(state.offset)
 
     parallel.run_split(work, m, NESTED_BLOCKSIZE, dev)
