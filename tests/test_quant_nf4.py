@@ -212,6 +212,15 @@ def _ulps(x: float, k: int) -> float:
     return float(t)
 
 
+def test_strided_inputs_are_quantized_like_contiguous_ones():
+    w = _weight((96, 70), seed=8)
+    for view in (w.T, w[:, ::2], w[1:, :65]):
+        packed, state = quantize_nf4(view, double_quant=True)
+        ref_packed, ref = quantize_nf4(view.contiguous(), double_quant=True)
+        assert state.shape == tuple(view.shape) and torch.equal(packed, ref_packed)
+        assert torch.equal(dequantize_nf4(packed, state), dequantize_nf4(ref_packed, ref))
+
+
 def test_nibble_order_and_padding():
     w = torch.tensor([-1.0, 1.0, 0.0])                                           # codes 0, 15, 7 (+ pad 7)
     packed, state = quantize_nf4(w)
@@ -440,3 +449,9 @@ def test_quantize_model_skips_the_output_head_and_tied_weights():
         "0": "weight shared with 2.weight", "2": "weight shared with 0.weight", "4": "in skip"}
     with pytest.raises(ValueError, match="no nn.Linear"):
         quantize_model(nn.Sequential(nn.ReLU()))
+    broken = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        broken[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^1: cannot quantize .* NaN.*not changed"):
+        quantize_model(broken)
+    assert all(type(m) is nn.Linear for m in broken)                            # nothing was replaced

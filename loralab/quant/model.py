@@ -5,8 +5,9 @@
 except the layers named in `skip` (a name matches a module path exactly or as a dotted suffix, so "lm_head"
 matches "model.lm_head"), the model's output head (`get_output_embeddings()`, when the model has one), a layer
 whose weight is shared with another module (tied: quantizing one copy would untie them), and the out_proj of
-nn.MultiheadAttention (which reads `.weight` directly).  Layers are quantized one at a time, so the peak memory
-is the dense model plus one layer's codes.
+nn.MultiheadAttention (which reads `.weight` directly).  Every layer is quantized before any is replaced, so an
+error (a NaN weight, a bad argument) leaves the model as it was; the peak memory is the dense model plus the codes
+(about 1/7 of the fp32 weights).
 """
 
 from __future__ import annotations
@@ -48,15 +49,20 @@ def quantize_model(model: nn.Module, *, skip=("lm_head",), blocksize: int = 64, 
     if not plan:
         raise ValueError(f"quantize_model found no nn.Linear to quantize (skipped: {skipped or 'none found'}); "
                          f"check `skip` and that the model has nn.Linear layers")
+    layers = {}
+    for name, (parent, child) in plan.items():
+        try:
+            layers[name] = NF4Linear.from_linear(getattr(parent, child), blocksize=blocksize,
+                                                 double_quant=double_quant, compute_dtype=compute_dtype)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"{name}: {e} (the model was not changed)") from e
     params = before = after = 0
     for name, (parent, child) in plan.items():
-        linear = getattr(parent, child)
-        layer = NF4Linear.from_linear(linear, blocksize=blocksize, double_quant=double_quant,
-                                      compute_dtype=compute_dtype)
-        setattr(parent, child, layer)
-        params += linear.weight.numel()
-        before += linear.weight.numel() * linear.weight.element_size()
-        after += layer.nbytes()
+        weight = getattr(parent, child).weight
+        params += weight.numel()
+        before += weight.numel() * weight.element_size()
+        after += layers[name].nbytes()
+        setattr(parent, child, layers[name])
     return {"quant_type": "nf4", "blocksize": blocksize, "double_quant": double_quant,
             "layers_quantized": list(plan), "layers_skipped": skipped, "params_quantized": params,
             "weight_bytes_before": before, "weight_bytes_after": after, "bits_per_parameter": after * 8 / params,
