@@ -22,7 +22,11 @@ MAX_HALF_GAP = float((LEVELS[1:] - LEVELS[:-1]).max()) / 2      # 0.1385: betwee
 def _eager_bitsandbytes():
     """bitsandbytes dequantizes odd widths through torch.compile; eager gives the same values, without compiling
     for every shape."""
-    with torch.compiler.set_stance("force_eager"):
+    set_stance = getattr(torch.compiler, "set_stance", None)                   # torch >= 2.6
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
         yield
 
 
