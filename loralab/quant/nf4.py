@@ -237,7 +237,7 @@ def _dequantize_blocks(packed, absmax, bs: int, out, t: _Tables, lo: int, hi: in
     """packed[lo/2 : hi/2] uint8 and absmax (m,) -> out[lo:hi] in out's dtype, in place.  On CPU a step covers
     2·SLICE values (one gather of SLICE bytes) and _BATCH steps share each foreach call (index conversion,
     scaling in halves of SLICE, the cast to fp16/bf16): one Python call for many small single-threaded ops.
-    Every op writes into a buffer made once: a fresh temporary of 128 KB is a new mmap (and page faults)."""
+    Every op writes into buffers made once per part (out= and in-place), never into fresh temporaries."""
     dev = out.device
     step, k, mid = parallel.whole_steps(lo, hi, dev, 2)
     half = parallel.SLICE if parallel.on_cpu(dev) else step
