@@ -97,7 +97,7 @@ def frozen_base(module: nn.Module) -> FrozenBase:
     if isinstance(module, FrozenBase):
         return module
     if type(module).__module__.startswith("bitsandbytes"):
-        from .bnb_base import BnbBase, is_bnb_layer
+        from .quant.bnb import BnbBase, is_bnb_layer
         if is_bnb_layer(module):
             return BnbBase(module)
     if isinstance(module, (nn.Linear, nn.Embedding)) or is_conv1d(module):

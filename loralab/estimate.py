@@ -60,17 +60,17 @@ def nf4_bits_per_parameter(blocksize: int = 64, double_quant: bool = True, neste
 
 
 def nf4_storage_bytes(numel: int, blocksize: int = 64, double_quant: bool = True, nested_blocksize: int = 256) -> int:
-    """Bytes of one NF4 tensor of `numel` parameters as bitsandbytes stores it: ceil(numel/2) packed bytes,
-    an absmax per block (fp32, or uint8 with double quantization plus an fp32 absmax per nested block and
-    one fp32 offset).  The code books (16 NF4 levels; 256 values of the 8-bit map) are constants of the
-    format and not counted."""
+    """Bytes of one NF4 tensor of `numel` parameters as loralab's NF4Linear stores it: ceil(numel/2) packed
+    bytes, an absmax per block (fp32, or uint8 with double quantization plus an fp32 absmax per nested block,
+    one fp32 offset and the 256-entry fp32 code of the 8-bit absmax).  bitsandbytes stores 64 bytes more per
+    tensor (the 16 NF4 levels, a constant loralab does not store)."""
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ValueError(f"numel must be an integer >= 0, got {numel!r}")
     nf4_bits_per_parameter(blocksize, double_quant, nested_blocksize)          # validates the sizes
     blocks = -(-numel // blocksize)
     if not double_quant:
         return -(-numel // 2) + 4 * blocks
-    return -(-numel // 2) + blocks + 4 * -(-blocks // nested_blocksize) + 4
+    return -(-numel // 2) + blocks + 4 * -(-blocks // nested_blocksize) + 4 + 4 * 256
 
 
 def full_finetune_bytes(params: int, convention: str) -> dict:
@@ -176,8 +176,14 @@ def estimate(config: EstimateConfig) -> dict:
     lora = dict(base_weights=N * pw, **{f"adapter_{k}": v for k, v in adapter.items()}, activations=lora_act.total)
     lora["total"] = sum(lora.values())
     bits = nf4_bits_per_parameter(double_quant=config.double_quant)
-    quantized = min(shape.quantizable_params, N)
-    qlora = dict(quantized_weights=math.ceil(quantized * bits / 8), unquantized_weights=(N - quantized) * pw,
+    quantized, packed = min(shape.quantizable_params, N), None
+    linears = [c for c in shape.candidates if c.kind == "Linear" and not c.is_head]
+    if config.model is not None and linears:  # a real architecture: its tensors, as quantize_model stores them
+        quantized = sum(c.in_features * c.out_features for c in linears)
+        packed = sum(nf4_storage_bytes(c.in_features * c.out_features, double_quant=config.double_quant)
+                     for c in linears)
+    qlora = dict(quantized_weights=packed if packed is not None else math.ceil(quantized * bits / 8),
+                 unquantized_weights=(N - quantized) * pw,
                  **{f"adapter_{k}": v for k, v in adapter.items()}, activations=lora_act.total)
     qlora["total"] = sum(qlora.values())
     file_bytes = n * DTYPE_BYTES[config.adapter_dtype]

@@ -171,13 +171,22 @@ def find_saved_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
+             quantize: str | None = None) -> nn.Module:
     """Inject adapter `adapter_name` into `model` in place (and return it) and make it the active adapter.
 
     Everything else is frozen: the base, other adapters (which stay in the model, inactive) and the modules
     the config does not train; modules_to_save get a trainable copy of their own for this adapter, and the
-    biases `config.bias` names train.  The model remembers both, so save_adapter saves them."""
+    biases `config.bias` names train.  The model remembers both, so save_adapter saves them.
+    quantize="nf4": QLoRA — first store every nn.Linear of the base but the output head in NF4
+    (quant.quantize_model, double quantization, blocks of 64), then add the adapter on top in full precision."""
     check_new_adapter_name(model, adapter_name)
+    if quantize is not None:
+        if quantize != "nf4":
+            raise ValueError(f"quantize={quantize!r}: loralab quantizes to 'nf4' (or pass None)")
+        find_targets(model, config)  # a bad config is refused before anything is quantized
+        from .quant import quantize_model
+        quantize_model(model, skip=tuple(config.saved_names()))
     targets = find_targets(model, config)
     saved = find_saved_targets(model, config)
     plan = []

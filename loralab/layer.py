@@ -182,6 +182,16 @@ class LoRALinear(nn.Module):
         """The adapter terms of a batch whose row i uses adapter idx[i] (functional.lora_linear_rows)."""
         return LF.lora_linear_rows(x, A_bank, B_bank, scalings, idx, dropout=dropout, training=self.training)
 
+    def replace_base(self, module: nn.Module) -> None:
+        """Swap the frozen base for another of the same shape (e.g. its dequantized copy)."""
+        base = frozen_base(module)
+        if (base.in_features, base.out_features) != (self.in_features, self.out_features):
+            raise ValueError(f"the new base maps {base.in_features} -> {base.out_features}, this layer "
+                             f"{self.in_features} -> {self.out_features}")
+        self.base_layer = module
+        self.__dict__["base"] = base
+        self.fan_in_fan_out = getattr(base, "fan_in_fan_out", False)
+
     # ---- the base weight, always seen as (out, in) -----------------------------------------------------
     def dense_weight(self) -> torch.Tensor:
         """The base weight as (out, in) (a view for dense bases; dequantized for quantized ones)."""

@@ -12,12 +12,19 @@ error (a NaN weight, a bad argument) leaves the model as it was; the peak memory
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from ..atomic import atomic_write
 from .linear import NF4Linear
 
-__all__ = ["quantize_model", "model_footprint"]
+__all__ = ["quantize_model", "model_footprint", "save_quantized", "load_quantized", "dequantize_model"]
+
+QUANT_KEY = "loralab.nf4"   # safetensors metadata: {module path: {blocksize, double_quant, compute_dtype, bias}}
 
 
 def model_footprint(model: nn.Module) -> int:
@@ -115,3 +122,55 @@ def _output_head(model: nn.Module) -> nn.Module | None:
         return get()
     except (NotImplementedError, AttributeError):
         return None
+
+
+def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the whole (quantized) model to one safetensors file: the 4-bit codes and their constants as uint8 /
+    float32 tensors, the rest as it is, and which modules are NF4Linear (with their settings) in the metadata.
+    No pickle; the file is renamed into place complete."""
+    from safetensors.torch import save_model
+    layers = {name: {"blocksize": m.blocksize, "double_quant": m.double_quant, "bias": m.bias is not None,
+                     "compute_dtype": str(m.compute_dtype).removeprefix("torch.")}
+              for name, m in model.named_modules() if isinstance(m, NF4Linear)}
+    if not layers:
+        raise ValueError("the model holds no NF4Linear layer; quantize it first (quantize_model) or save it with "
+                         "save_pretrained / safetensors as it is")
+    meta = {QUANT_KEY: json.dumps(layers, separators=(",", ":"))}
+    return atomic_write(path, lambda tmp: save_model(model, tmp, metadata=meta))
+
+
+def load_quantized(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Load a file written by save_quantized into `model` (the same architecture, dense, e.g. freshly built
+    from its config): the modules the file names become NF4Linear, then every tensor is loaded (strict).
+    Returns the quantization settings per module."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+    with safe_open(path, framework="pt") as f:
+        layers = json.loads((f.metadata() or {}).get(QUANT_KEY, "null") or "null")
+    if not layers:
+        raise ValueError(f"{path}: not written by save_quantized (no {QUANT_KEY!r} metadata)")
+    for name, cfg in layers.items():
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        dense = getattr(owner, child, None)
+        if not isinstance(dense, (nn.Linear, NF4Linear)):
+            raise ValueError(f"{path} quantizes {name}, which this model does not have as a Linear "
+                             f"({type(dense).__name__}); load it into the architecture it was saved from")
+        setattr(owner, child, NF4Linear(dense.in_features, dense.out_features, cfg["bias"],
+                                        blocksize=cfg["blocksize"], double_quant=cfg["double_quant"],
+                                        compute_dtype=getattr(torch, cfg["compute_dtype"]),
+                                        device=next(dense.buffers(), next(dense.parameters())).device))
+    missing, unexpected = load_model(model, path, strict=True)
+    return layers
+
+
+def dequantize_model(model: nn.Module) -> list[str]:
+    """Replace every NF4Linear by an nn.Linear holding its dequantized weight (in its compute dtype), in place;
+    returns their paths."""
+    done = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, NF4Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.to_linear())
+            done.append(name)
+    return done

@@ -10,6 +10,8 @@ bitsandbytes is imported only when such a layer is met.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -50,7 +52,12 @@ class BnbBase:
                 return weight.data.float()
             return weight.data.float() * scb.float()[:, None] / 127.0
         import bitsandbytes.functional as bnbf
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(self.dtype)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # bitsandbytes repacks a 4-bit weight for its CPU kernel at the first eval forward; undo that on
+            # a copy of the state (its own inverse, which its state_dict saving also uses)
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state).to(self.dtype)
 
     def set_dense_weight(self, W: torch.Tensor) -> None:
         raise ValueError(f"this base is a bitsandbytes {type(self.module).__name__} ({self.quant_type}): writing "
