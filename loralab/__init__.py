@@ -11,7 +11,7 @@ from .merge import merge, merge_and_unload, unmerge
 from .files import LoadReport, load_adapter, save_adapter
 from .combine import CombineReport, combine_adapters
 from .dataset import TokenizedData, read_records, tokenize
-from .train import History, TrainConfig, evaluate, train
+from .trainer import History, TrainConfig, evaluate, train
 
 __version__ = "0.1.0"
 

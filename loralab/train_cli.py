@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from .dataset import TASKS
-from .train import SCHEDULES, TrainConfig
+from .trainer import SCHEDULES, TrainConfig
 
 __all__ = ["add_arguments", "resolve", "run_from_args", "OPTIONS"]
 

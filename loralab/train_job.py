@@ -29,7 +29,7 @@ from .atomic import atomic_write_text
 from .files import save_adapter
 from .inject import add_lora, lora_layers, trainable_report
 from .merge import merge, unmerge
-from .train import TrainConfig, evaluate, seed_everything, train
+from .trainer import TrainConfig, evaluate, seed_everything, train
 
 __all__ = ["run_train_job", "bundled_model_dir", "BUNDLED_TRAIN", "BUNDLED_EVAL", "BUNDLED_RECIPE",
            "load_model_for_task", "factor_stats", "target_names"]

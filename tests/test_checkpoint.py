@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from loralab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from loralab.train import TrainConfig, _optimizer, train
+from loralab.trainer import TrainConfig, _optimizer, train
 from test_train import causal_data, tiny_llama_lora, trainable_state
 from test_train_cli import tiny_classifier_dir, write_travel_files
 

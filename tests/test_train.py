@@ -1,4 +1,4 @@
-"""loralab.train: config validation, the schedule, what trains, accumulation, checkpointing, NaN stops."""
+"""loralab.trainer: config validation, the schedule, what trains, accumulation, checkpointing, NaN stops."""
 
 import math
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from loralab import LoraConfig, add_lora
 from loralab.inject import lora_layers
-from loralab.train import TrainConfig, _optimizer, evaluate, lr_at, train
+from loralab.trainer import TrainConfig, _optimizer, evaluate, lr_at, train
 
 
 def tiny_bert_classifier(seed=0, num_labels=3):
@@ -197,7 +197,7 @@ def test_gradient_checkpointing_still_trains_adapters():
 
 def test_gradient_checkpointing_gradients_reach_A_and_B():
     model = tiny_llama_lora()
-    from loralab.train import _enable_checkpointing
+    from loralab.trainer import _enable_checkpointing
     _enable_checkpointing(model)
     model.train()
     with torch.no_grad():  # non-zero B so that A receives a gradient too

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
     from loralab import LoraConfig, add_lora
-    from loralab.train import TrainConfig, train
+    from loralab.trainer import TrainConfig, train
     from loralab import distributed as dd
 
     out, global_batch, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
