@@ -1,6 +1,7 @@
 """`loralab train`: options, --config, errors, tiny end-to-end runs, and the bundled MiniLM job."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -247,8 +248,9 @@ def test_tiny_causal_lm_end_to_end_with_held_out_split(tmp_path, capsys):
 
 def test_the_bundled_job_end_to_end(tmp_path):
     """`loralab train` with no arguments: the real pretrained MiniLM on the bundled dataset."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's loralab
     proc = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--json", "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["accuracy_before"] < 0.4                        # a new head: chance is 0.25
