@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -117,9 +118,9 @@ def _normalised(f, value):
             raise ValueError(f"{f.name} must be True or False, got {value!r}")
         return value
     if f.metadata["parse"] is Path:
-        if not isinstance(value, (str, Path)) or not str(value):
-            raise ValueError(f"{f.name} must be a path, got {value!r}" + ("" if value is not None else
-                             " (the training file, .jsonl or .csv)" if f.name == "data" else ""))
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            hint = " (the training file, .jsonl or .csv)" if f.name == "data" else ""
+            raise ValueError(f"{f.name} must be a path, got {value!r}{hint}")
         return Path(value)
     if f.metadata["choices"] is not None:
         if value not in f.metadata["choices"]:
@@ -148,8 +149,8 @@ def lora_config(job: TrainJob, modules_to_save=None) -> LoraConfig:
 
 def bundled_job(**overrides) -> TrainJob:
     """The bundled job: MiniLM-L6 on the travel dataset with BUNDLED_RECIPE; `overrides` take precedence."""
-    return TrainJob(**{**BUNDLED_RECIPE, "model": bundled_model_dir(), "data": BUNDLED_TRAIN,
-                       "eval_data": BUNDLED_EVAL, **overrides})
+    model = overrides.pop("model", None) or bundled_model_dir()
+    return TrainJob(**{**BUNDLED_RECIPE, "data": BUNDLED_TRAIN, "eval_data": BUNDLED_EVAL, **overrides}, model=model)
 
 
 def bundled_model_dir() -> Path:
