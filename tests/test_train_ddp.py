@@ -49,7 +49,9 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": ROOT}  # the script runs from a temporary directory: import this checkout's loralab
 ENV.pop("WORLD_SIZE", None)
 
 
