@@ -26,7 +26,7 @@ _EXPORTS = {
     "load": ["load_adapter", "LoadReport"],
     "combine": ["combine_adapters", "CombineReport"],
     "dataset": ["read_records", "tokenize", "TokenizedData"],
-    "train": ["train", "TrainConfig", "History", "evaluate"],
+    "trainer": ["train", "TrainConfig", "History", "evaluate"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = list(_WHERE)

@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
-from .train_cli import _positive_float, _positive_int  # the one copy (shared with `loralab train`)
+from .cli_args import (checked, finite_float, fraction, int_list, integer, nonnegative_float, nonnegative_int,
+                       positive_float, positive_int, target_list)
 
 __all__ = ["main", "build_parser"]
 
 
 # ---- commands: each is (add its arguments, run it -> dict, or None when it printed its own JSON) ---------
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps for pretraining and for LoRA")
-    p.add_argument("--r", type=int, default=4, help="LoRA rank (default 4)")
+    p.add_argument("--seed", type=integer, default=0, help="random seed (default 0)")
+    p.add_argument("--steps", type=integer, default=300, help="optimizer steps for pretraining and for LoRA")
+    p.add_argument("--r", type=integer, default=4, help="LoRA rank (default 4)")
 
 
 def _demo_run(args, say) -> dict:
@@ -36,7 +36,7 @@ def _merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     p.add_argument("--no-fingerprint-check", action="store_true",
                    help="load even if the base differs from the one the adapter was saved against")
-    p.add_argument("--probe-tokens", type=_positive_int, default=16, help="probe sequence length (default 16)")
+    p.add_argument("--probe-tokens", type=positive_int, default=16, help="probe sequence length (default 16)")
 
 
 def _merge_run(args, say) -> dict:
@@ -47,24 +47,24 @@ def _merge_run(args, say) -> dict:
 
 def _spirals_args(p: argparse.ArgumentParser) -> None:
     from .reference.spirals import SpiralsConfig as C
-    p.add_argument("--seed", type=_nonnegative_int, default=C.seed, help=f"random seed (default {C.seed})")
-    p.add_argument("--rotation", type=_finite_float, default=C.rotation,
+    p.add_argument("--seed", type=nonnegative_int, default=C.seed, help=f"random seed (default {C.seed})")
+    p.add_argument("--rotation", type=finite_float, default=C.rotation,
                    help=f"rotation of the shifted task, radians (default {C.rotation})")
-    p.add_argument("--r", type=_positive_int, default=C.r, help=f"LoRA rank (default {C.r})")
-    p.add_argument("--lora-layers", type=_int_list, default=C.lora_layers, metavar="1,2,3",
+    p.add_argument("--r", type=positive_int, default=C.r, help=f"LoRA rank (default {C.r})")
+    p.add_argument("--lora-layers", type=int_list, default=C.lora_layers, metavar="1,2,3",
                    help="comma-separated layer numbers to adapt, 1 = first (default: every layer)")
-    p.add_argument("--lora-alpha", type=_positive_float, default=C.lora_alpha,
+    p.add_argument("--lora-alpha", type=positive_float, default=C.lora_alpha,
                    help=f"scaling = lora_alpha / r (default {C.lora_alpha})")
-    p.add_argument("--noise", type=_nonnegative_float, default=C.noise,
+    p.add_argument("--noise", type=nonnegative_float, default=C.noise,
                    help=f"std of the spiral angle noise, radians (default {C.noise})")
-    p.add_argument("--n-per-class", type=_positive_int, default=C.n_per_class,
+    p.add_argument("--n-per-class", type=positive_int, default=C.n_per_class,
                    help=f"training points per class (default {C.n_per_class})")
     p.add_argument("--optimizer", choices=("adam", "sgd"), default=C.optimizer,
                    help=f"'sgd' is the original write-up's plain gradient descent (default {C.optimizer})")
-    p.add_argument("--lr", type=_positive_float, default=C.lr, help=f"learning rate, every phase (default {C.lr})")
-    p.add_argument("--pretrain-steps", type=_positive_int, default=C.pretrain_steps,
+    p.add_argument("--lr", type=positive_float, default=C.lr, help=f"learning rate, every phase (default {C.lr})")
+    p.add_argument("--pretrain-steps", type=positive_int, default=C.pretrain_steps,
                    help=f"full-batch steps of pretraining (default {C.pretrain_steps})")
-    p.add_argument("--adapt-steps", type=_positive_int, default=C.adapt_steps,
+    p.add_argument("--adapt-steps", type=positive_int, default=C.adapt_steps,
                    help=f"full-batch steps of LoRA and of full fine-tuning (default {C.adapt_steps})")
     p.add_argument("--out", default="runs/spirals", metavar="DIR",
                    help="where to write spirals.png (default runs/spirals)")
@@ -82,12 +82,12 @@ def _spirals_run(args, say) -> dict:
 
 def _energy_args(p: argparse.ArgumentParser) -> None:
     from .reference.energy import DEFAULT_RANKS
-    p.add_argument("--d", type=_positive_int, default=256, help="matrix size d (d×d; default 256)")
-    p.add_argument("--strong", type=_positive_int, default=8, help="number of strong directions k (default 8)")
-    p.add_argument("--scale", type=_finite_float, default=2.0, help="U, V ~ N(0, 1)·scale (default 2.0)")
-    p.add_argument("--noise", type=_nonnegative_float, default=0.05, help="noise ~ N(0, 1)·noise (default 0.05)")
-    p.add_argument("--seed", type=_nonnegative_int, default=42, help="np.random.seed (default 42)")
-    p.add_argument("--ranks", type=_int_list, default=DEFAULT_RANKS,
+    p.add_argument("--d", type=positive_int, default=256, help="matrix size d (d×d; default 256)")
+    p.add_argument("--strong", type=positive_int, default=8, help="number of strong directions k (default 8)")
+    p.add_argument("--scale", type=finite_float, default=2.0, help="U, V ~ N(0, 1)·scale (default 2.0)")
+    p.add_argument("--noise", type=nonnegative_float, default=0.05, help="noise ~ N(0, 1)·noise (default 0.05)")
+    p.add_argument("--seed", type=nonnegative_int, default=42, help="np.random.seed (default 42)")
+    p.add_argument("--ranks", type=int_list, default=DEFAULT_RANKS,
                    help=f"comma-separated ranks to report (default {','.join(map(str, DEFAULT_RANKS))})")
 
 
@@ -106,7 +106,7 @@ def _explore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", metavar="ADAPTER_DIR", help="also offer each layer's ΔW = scaling·B·A of this "
                    "adapter (PEFT's format); only this directory is read")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=_nonnegative_int, default=DEFAULT_PORT,
+    p.add_argument("--port", type=nonnegative_int, default=DEFAULT_PORT,
                    help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
     p.add_argument("--no-browser", action="store_true", help="do not open a browser, just print the URL")
     p.add_argument("--allow-remote", action="store_true",
@@ -136,7 +136,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
                    help="local transformers model the adapter was trained on: adds ‖ΔW‖/‖W0‖ and output checks")
     p.add_argument("--report", metavar="DIR", default=None,
                    help="write a report folder: PNG plots, report.json and index.html")
-    p.add_argument("--probe-tokens", type=_positive_int, default=16, help="probe sequence length (default 16)")
+    p.add_argument("--probe-tokens", type=positive_int, default=16, help="probe sequence length (default 16)")
 
 
 def _inspect_run(args, say) -> dict:
@@ -147,7 +147,7 @@ def _inspect_run(args, say) -> dict:
 def _diff_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A_DIR", help="first adapter directory")
     p.add_argument("b", metavar="B_DIR", help="second adapter directory")
-    p.add_argument("--k", type=_positive_int, default=4, help="top-k singular subspaces to compare (default 4)")
+    p.add_argument("--k", type=positive_int, default=4, help="top-k singular subspaces to compare (default 4)")
 
 
 def _diff_run(args, say) -> dict:
@@ -158,28 +158,28 @@ def _diff_run(args, say) -> dict:
 def _estimate_args(p: argparse.ArgumentParser) -> None:
     from .estimate import DTYPE_BYTES, EstimateConfig as C, parse_bytes, parse_count
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--params", type=_checked(parse_count), metavar="COUNT",
+    which.add_argument("--params", type=checked(parse_count), metavar="COUNT",
                        help="parameter count (7e9, 7B, 125M); widths from a Llama-style layout")
     which.add_argument("--model", metavar="DIR|config.json",
                        help="local transformers model directory or config.json (built on the meta device)")
-    p.add_argument("--r", type=_positive_int, default=C.r, help=f"LoRA rank (default {C.r})")
-    p.add_argument("--target-modules", type=_target_spec, default=C.target_modules, metavar="NAMES",
+    p.add_argument("--r", type=positive_int, default=C.r, help=f"LoRA rank (default {C.r})")
+    p.add_argument("--target-modules", type=target_list, default=C.target_modules, metavar="NAMES",
                    help=f"all-linear or comma-separated names like q_proj,v_proj (default {C.target_modules})")
     p.add_argument("--quant", choices=("nf4",), help="plan QLoRA: the base's Linear weights in NF4")
     p.add_argument("--no-double-quant", action="store_true", help="NF4 absmax in fp32 (4.5 bits, not 4.127)")
-    p.add_argument("--batch", type=_positive_int, default=C.batch, help=f"sequences per step (default {C.batch})")
-    p.add_argument("--seq", type=_positive_int, default=C.seq, help=f"tokens per sequence (default {C.seq})")
+    p.add_argument("--batch", type=positive_int, default=C.batch, help=f"sequences per step (default {C.batch})")
+    p.add_argument("--seq", type=positive_int, default=C.seq, help=f"tokens per sequence (default {C.seq})")
     p.add_argument("--dtype", choices=tuple(DTYPE_BYTES), default=C.dtype,
                    help=f"base weights and activations (default {C.dtype})")
     p.add_argument("--gradient-checkpointing", action="store_true", help="keep only each block's input")
     p.add_argument("--autocast", action="store_true",
                    help="the step runs under torch.autocast(dtype), as `loralab train --bf16` does: the adapter "
                         "path computes in 16 bits (default: loralab's fp32 adapter path)")
-    p.add_argument("--lora-dropout", type=_dropout, default=C.lora_dropout,
+    p.add_argument("--lora-dropout", type=fraction, default=C.lora_dropout,
                    help=f"adapter input dropout; > 0 keeps a dropped copy and a mask (default {C.lora_dropout})")
-    p.add_argument("--gpu-memory", type=_checked(parse_bytes), metavar="SIZE",
+    p.add_argument("--gpu-memory", type=checked(parse_bytes), metavar="SIZE",
                    help="answer 'will it fit': 24GB (10^9 bytes) or 24GiB (2^30)")
-    p.add_argument("--variants", type=_positive_int, metavar="N",
+    p.add_argument("--variants", type=positive_int, metavar="N",
                    help="N fine-tuned variants: N full copies vs the base + N adapter files")
     p.add_argument("--adapter-dtype", choices=tuple(DTYPE_BYTES), default=C.adapter_dtype,
                    help=f"dtype of the adapter file (default {C.adapter_dtype}, what loralab saves)")
@@ -201,7 +201,7 @@ def _estimate_run(args, say) -> dict:
 def _targets_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL_DIR|config.json",
                    help="local transformers model directory or its config.json (built on the meta device)")
-    p.add_argument("--r", type=_positive_int, default=16, help="LoRA rank for the costs (default 16)")
+    p.add_argument("--r", type=positive_int, default=16, help="LoRA rank for the costs (default 16)")
 
 
 def _targets_run(args, say) -> dict:
@@ -238,79 +238,23 @@ COMMANDS = {
 
 
 # ---- plumbing ---------------------------------------------------------------------------------------------
-def _nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _nonnegative_float(text: str) -> float:
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
-    return value
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    """Parse "1,2,4" as (1, 2, 4); every entry must be a positive integer."""
-    try:
-        return tuple(_positive_int(part.strip()) for part in text.split(","))
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4: {e}") from None
-
-
-def _checked(parse):
-    """An argparse type from a parser that raises ValueError with a message."""
-    def parse_arg(text):
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return parse_arg
-
-
-def _target_spec(text: str):
-    """'all-linear' or 'q_proj, v_proj' -> 'all-linear' or ('q_proj', 'v_proj')."""
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    if not names:
-        raise argparse.ArgumentTypeError("expected 'all-linear' or comma-separated module names like q_proj,v_proj")
-    return "all-linear" if names == ("all-linear",) else names
-
-
-def _dropout(text: str) -> float:
-    value = _finite_float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {value}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands=None) -> argparse.ArgumentParser:
+    """The `loralab` parser.  `commands`: the names whose arguments are added (default: all).  main() adds only
+    the command being run, so that e.g. `loralab spirals` imports nothing of torch or training."""
     parser = argparse.ArgumentParser(prog="loralab", description="LoRA for PyTorch: build, train, merge, "
                                      "inspect, quantize, serve adapters.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout; human text on stderr")
-        add_args(p)
+        if commands is None or name in commands:
+            add_args(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(commands=argv[:1])
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

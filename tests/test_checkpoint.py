@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from loralab.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from loralab.train import TrainConfig, _optimizer, train
+from loralab.trainer import TrainConfig, make_optimizer, train
 from test_train import causal_data, tiny_llama_lora, trainable_state
 from test_train_cli import tiny_classifier_dir, write_travel_files
 
@@ -63,12 +63,12 @@ def test_checkpoint_contents_pruning_and_no_temporary_files(tmp_path):
 def test_loading_into_a_different_model_is_refused(tmp_path):
     model = tiny_llama_lora()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = _optimizer(params, TrainConfig())
+    opt = make_optimizer(params, TrainConfig())
     path = save_checkpoint(tmp_path, model, opt, {"step": 1}, [torch.get_rng_state()])
     other = tiny_llama_lora()
     next(p for p in other.parameters() if p.requires_grad).requires_grad_(False)
     with pytest.raises(ValueError, match="trainable parameters differ from the model's"):
-        load_checkpoint(path, other, _optimizer({n: p for n, p in other.named_parameters() if p.requires_grad},
+        load_checkpoint(path, other, make_optimizer({n: p for n, p in other.named_parameters() if p.requires_grad},
                                                 TrainConfig()))
     with pytest.raises(ValueError, match="resume with the same number of processes"):
         load_checkpoint(path, model, opt, rank=1)
@@ -80,7 +80,7 @@ def test_non_finite_parameters_are_never_checkpointed(tmp_path):
     with torch.no_grad():
         next(iter(params.values()))[0, 0] = float("inf")
     with pytest.raises(ValueError, match="refusing to checkpoint non-finite parameters"):
-        save_checkpoint(tmp_path, model, _optimizer(params, TrainConfig()), {"step": 1}, [torch.get_rng_state()])
+        save_checkpoint(tmp_path, model, make_optimizer(params, TrainConfig()), {"step": 1}, [torch.get_rng_state()])
     assert latest_checkpoint(tmp_path) is None and not list(tmp_path.glob(".*tmp"))
 
 
@@ -88,7 +88,7 @@ def _saved_after_one_step(tmp_path, **save_kwargs):
     """(model, checkpoint path) after one AdamW step, the model's parameters then moved off the checkpoint."""
     model = tiny_llama_lora()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = _optimizer(params, TrainConfig())
+    opt = make_optimizer(params, TrainConfig())
     for p in params.values():
         p.grad = torch.ones_like(p)
     opt.step()
@@ -118,7 +118,7 @@ def test_a_refused_checkpoint_restores_nothing(tmp_path, case, fragment):
         _reshape_last_trainable(model)
     before = trainable_state(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = _optimizer(params, TrainConfig(loraplus_lr_ratio=16 if case == "groups" else 1.0))
+    opt = make_optimizer(params, TrainConfig(loraplus_lr_ratio=16 if case == "groups" else 1.0))
     rng = torch.get_rng_state()
     with pytest.raises(ValueError, match=fragment):
         load_checkpoint(path, model, opt, rank=1 if case == "rank" else 0)
@@ -138,7 +138,7 @@ def test_each_rank_gets_its_own_cuda_rng_state_back(tmp_path, monkeypatch):
     cpu = [torch.get_rng_state(), torch.get_rng_state()]
     cuda = [torch.full((16,), r, dtype=torch.uint8) for r in range(2)]
     model = tiny_llama_lora()
-    opt = _optimizer({n: p for n, p in model.named_parameters() if p.requires_grad}, TrainConfig())
+    opt = make_optimizer({n: p for n, p in model.named_parameters() if p.requires_grad}, TrainConfig())
     path = save_checkpoint(tmp_path, model, opt, {"step": 1}, cpu, cuda_rng_states=cuda)
     assert {k for k in load_file(path / "optimizer.safetensors") if k.startswith("rng.")} == {
         "rng.cpu.0", "rng.cpu.1", "rng.cuda.0", "rng.cuda.1"}
@@ -150,7 +150,7 @@ def test_each_rank_gets_its_own_cuda_rng_state_back(tmp_path, monkeypatch):
 
 def test_a_failed_latest_pointer_write_leaves_no_temporary_file(tmp_path, monkeypatch):
     model, _ = _saved_after_one_step(tmp_path)
-    opt = _optimizer({n: p for n, p in model.named_parameters() if p.requires_grad}, TrainConfig())
+    opt = make_optimizer({n: p for n, p in model.named_parameters() if p.requires_grad}, TrainConfig())
     real_replace = os.replace
 
     def replace(src, dst):

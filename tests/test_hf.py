@@ -1,16 +1,19 @@
-"""`loralab merge` end to end: a local model directory + an adapter directory -> a merged model directory
-that transformers loads and that computes what the unmerged adapter computed."""
+"""loralab.hf: the one offline loader of a saved model, and `loralab merge` end to end: a local model
+directory + an adapter directory -> a merged model directory that transformers loads and that computes what
+the unmerged adapter computed."""
 
 import json
+import re
+import warnings
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_bert, tiny_gpt2, tiny_llama
 from loralab import LoraConfig, add_lora, save_adapter
 from loralab.cli import main
-from loralab.hf import merge_model_dir
+from loralab.hf import load_local_model, merge_model_dir
 from loralab.inject import lora_layers
 
 
@@ -83,3 +86,61 @@ def test_failed_save_leaves_no_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         merge_model_dir(tmp_path / "base", tmp_path / "adapter", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+# ---- the one loader of a saved model ----------------------------------------------------------------------
+def _saved(tmp_path, build, name):
+    build(0).save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_the_task_picks_the_class_and_weights_come_from_the_directory(tmp_path, ids):
+    from transformers import BertForSequenceClassification, BertModel, LlamaForCausalLM
+    llama, bert = _saved(tmp_path, tiny_llama, "llama"), _saved(tmp_path, tiny_bert, "bert")
+    for task in (None, "causal-lm"):
+        model = load_local_model(llama, task)
+        assert type(model) is LlamaForCausalLM and not model.training
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, tiny_llama(0)(ids).logits, rtol=0, atol=0)
+    assert type(load_local_model(bert)) is BertModel
+    clf = load_local_model(bert, "classify", ["no", "yes", "maybe"])
+    assert type(clf) is BertForSequenceClassification and clf.classifier.out_features == 3
+    assert clf.config.id2label == {0: "no", 1: "yes", 2: "maybe"} and clf.config.label2id["maybe"] == 2
+    embeddings = clf.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(embeddings, tiny_bert(0).embeddings.word_embeddings.weight, rtol=0, atol=0)
+    assert load_local_model(bert, "classify", 5).classifier.out_features == 5   # a count: the size of a saved head
+
+
+def test_a_new_head_is_quiet_but_other_missing_weights_are_named(tmp_path):
+    bert = _saved(tmp_path, tiny_bert, "bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")              # the classification head is new on purpose: no warning
+        load_local_model(bert, "classify", ["a", "b"])
+    with pytest.warns(UserWarning, match=r"weights of the model are not in the directory and start random \(cls\."):
+        load_local_model(bert, "causal-lm")         # BERT's language-model head was never saved
+
+
+@pytest.mark.parametrize("call, error, fragment", [
+    (lambda d: load_local_model(d / "nothing-here"), FileNotFoundError, "no config.json; pass a local directory "
+                                                                        "written by save_pretrained"),
+    (lambda d: load_local_model("bert-base-uncased"), FileNotFoundError, "loralab never downloads models"),
+    (lambda d: load_local_model(d / "llama", "translate"), ValueError, "task='translate' is not supported"),
+    (lambda d: load_local_model(d / "llama", None, ["a"]), ValueError, "labels are for task='classify'"),
+    (lambda d: load_local_model(d / "llama", tokenizer=True), FileNotFoundError, "no usable tokenizer files"),
+])
+def test_loader_errors_say_what_to_pass(tmp_path, call, error, fragment):
+    _saved(tmp_path, tiny_llama, "llama")
+    with pytest.raises(error, match=re.escape(fragment)):
+        call(tmp_path)
+
+
+def test_with_its_tokenizer_the_pad_id_reaches_the_model_config(tmp_path):
+    import shutil
+    from loralab.train_job import bundled_model_dir
+    llama = _saved(tmp_path, tiny_llama, "llama")
+    assert load_local_model(llama).config.pad_token_id is None
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(bundled_model_dir() / name, llama / name)   # MiniLM's tokenizer, which has a pad token
+    model, tokenizer = load_local_model(llama, "causal-lm", tokenizer=True)
+    assert tokenizer("hello world")["input_ids"][0] == tokenizer.cls_token_id
+    assert model.config.pad_token_id == tokenizer.pad_token_id == 0

@@ -1,4 +1,4 @@
-"""loralab.train: config validation, the schedule, what trains, accumulation, checkpointing, NaN stops."""
+"""loralab.trainer: config validation, the schedule, what trains, accumulation, checkpointing, NaN stops."""
 
 import math
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from loralab import LoraConfig, add_lora
 from loralab.inject import lora_layers
-from loralab.train import TrainConfig, _optimizer, evaluate, lr_at, train
+from loralab.trainer import TrainConfig, enable_gradient_checkpointing, evaluate, lr_at, make_optimizer, train
 
 
 def tiny_bert_classifier(seed=0, num_labels=3):
@@ -101,7 +101,7 @@ def test_lr_warms_up_then_decays(schedule):
 def test_optimizer_holds_only_trainable_params_with_decay_groups_and_loraplus():
     model = tiny_bert_classifier()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    opt = _optimizer(params, TrainConfig(lr=1e-3, loraplus_lr_ratio=16))
+    opt = make_optimizer(params, TrainConfig(lr=1e-3, loraplus_lr_ratio=16))
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert in_opt == {id(p) for p in params.values()}
     for group in opt.param_groups:
@@ -197,8 +197,7 @@ def test_gradient_checkpointing_still_trains_adapters():
 
 def test_gradient_checkpointing_gradients_reach_A_and_B():
     model = tiny_llama_lora()
-    from loralab.train import _enable_checkpointing
-    _enable_checkpointing(model)
+    enable_gradient_checkpointing(model)
     model.train()
     with torch.no_grad():  # non-zero B so that A receives a gradient too
         for layer in lora_layers(model).values():
@@ -272,42 +271,90 @@ def test_no_trainable_parameters_is_an_error():
         train(model, [{"input": torch.zeros(3), "labels": 0}], None, TrainConfig(progress=False))
 
 
-class _TwoLayerNet(nn.Module):
-    """forward(x) -> logits (B, 2), for tests that need no transformers model."""
+class _Recorder(nn.Module):
+    """forward(x, index) -> logits (B, 2); remembers which examples each training forward saw."""
     def __init__(self):
         super().__init__()
         self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 2)
+        self.seen = []
 
-    def forward(self, x):
+    def forward(self, x, index):
+        if self.training:
+            self.seen.append(index.tolist())
         return self.head(torch.relu(self.body(x)))
 
 
-def _net_and_data(n=16):
+def _recorder_and_data(n=16):
     torch.manual_seed(0)
-    net = _TwoLayerNet()
+    net = _Recorder()
     add_lora(net, LoraConfig(r=2, target_modules=["body"]))
     xs = torch.randn(n, 8, generator=torch.Generator().manual_seed(1))
-    return net, [{"x": x, "labels": int(x[0] > 0)} for x in xs]
+    return net, [{"x": x, "index": i, "labels": int(x[0] > 0)} for i, x in enumerate(xs)]
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_step_sums_stay_on_the_training_device_and_reach_the_host_once_per_step(monkeypatch, device):
-    """nccl all-reduces device tensors only, and a .cpu() per micro-batch stalls the device each time."""
-    from loralab import distributed as dd
-    net, data = _net_and_data()
-    net.to(device)
-    reduced, copies, real_cpu = [], [], torch.Tensor.cpu
-    monkeypatch.setattr(dd, "all_reduce_sum", lambda value: reduced.append(value.device) or value)
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: copies.append(1) or real_cpu(self, *a, **k))
-    history = train(net, data, None, TrainConfig(epochs=1, batch_size=2, grad_accum=4, progress=False))
-    steps = len(history.steps)
-    assert steps == 2 and reduced == [next(net.parameters()).device] * 2 * steps  # count and loss, per step
-    assert len(copies) <= steps  # was one per micro-batch (8)
+def _seen_per_epoch(seed=0, epochs=3, batch_size=4, grad_accum=1, **extra):
+    net, data = _recorder_and_data()
+    train(net, data, None, TrainConfig(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, seed=seed,
+                                       progress=False, **extra))
+    flat = [i for batch in net.seen for i in batch]
+    return [flat[e * len(data):(e + 1) * len(data)] for e in range(epochs)]
 
 
-def test_data_order_is_drawn_once_per_epoch(monkeypatch):
-    net, data = _net_and_data()
-    draws, real_randperm = [], torch.randperm
-    monkeypatch.setattr(torch, "randperm", lambda *a, **k: draws.append(a[0]) or real_randperm(*a, **k))
-    history = train(net, data, None, TrainConfig(epochs=3, batch_size=4, progress=False))
-    assert len(history.steps) == 12 and draws == [16] * 3  # was one whole-dataset permutation per step
+def test_each_epoch_visits_every_example_once_in_an_order_set_by_seed_and_epoch():
+    epochs = _seen_per_epoch()
+    assert all(sorted(order) == list(range(16)) for order in epochs)              # a permutation each epoch
+    assert len({tuple(order) for order in epochs}) == 3                              # a new one each epoch
+    assert epochs != [list(range(16))] * 3                                           # and shuffled
+    assert _seen_per_epoch() == epochs                                               # the seed fixes them ...
+    assert _seen_per_epoch(seed=5)[0] != epochs[0]                                   # ... and changes them
+    assert _seen_per_epoch(batch_size=2, grad_accum=2) == epochs                     # not how a step is split
+    assert _seen_per_epoch(lr=1e-2, schedule="constant") == epochs                   # nor the optimisation
+
+
+def test_a_resumed_run_sees_the_examples_the_uninterrupted_run_saw(tmp_path):
+    """Killed after step 6 of 12 (mid-epoch: 4 steps per epoch), resumed from its checkpoint."""
+    config = TrainConfig(epochs=3, batch_size=4, save_every=3, keep_checkpoints=10, out_dir=str(tmp_path),
+                         progress=False)
+    full, data = _recorder_and_data()
+    train(full, data, None, config)
+    root = tmp_path / "checkpoints"
+    for later in ("step-000009", "step-000012"):
+        for f in (root / later).iterdir():
+            f.unlink()
+        (root / later).rmdir()
+    (root / "latest").write_text("step-000006")
+    resumed, _ = _recorder_and_data()
+    history = train(resumed, data, None, TrainConfig(**{**config.__dict__, "resume": True}))
+    assert history.resumed_from == 6 and len(full.seen) == 12
+    assert resumed.seen == full.seen[6:]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_step_loss_is_the_global_batch_mean_however_the_step_is_split(device):
+    """Each step takes the whole (variable-length) data set, so step 1's recorded loss must be transformers'
+    own mean causal-LM loss of the untrained model over all 16 sequences, whether the step is one batch of 16
+    or 4 or 8 accumulated micro-batches (a mean per micro-batch would differ), and on any device."""
+    from loralab.dataset import TokenizedData
+    data = causal_data()
+    reference = tiny_llama_lora().to(device)
+    batch = {k: v.to(device) for k, v in TokenizedData(data).collate(range(16)).items()}
+    with torch.no_grad():
+        expected = float(reference(**batch).loss)
+    states, losses = [], []
+    for batch_size, accum in ((16, 1), (4, 4), (2, 8)):
+        model = tiny_llama_lora().to(device)
+        history = train(model, data, None, TrainConfig(task="causal-lm", epochs=2, batch_size=batch_size,
+                                                       grad_accum=accum, lr=1e-2, progress=False))
+        losses.append([s["loss"] for s in history.steps])
+        states.append({n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad})
+        assert all(p.device.type == device for p in model.parameters())
+    for record in losses:
+        assert len(record) == 2 and record[0] == pytest.approx(expected, rel=1e-5)
+        assert record[1] == pytest.approx(losses[0][1], rel=1e-5) and record[1] < record[0]
+    for other in states[1:]:
+        for name in states[0]:
+            torch.testing.assert_close(other[name], states[0][name], rtol=1e-4, atol=1e-5)

@@ -1,9 +1,12 @@
 """`loralab train`: options, --config, errors, tiny end-to-end runs, and the bundled MiniLM job."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import warnings
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -11,8 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from loralab.cli import build_parser, main
-from loralab.train_cli import OPTIONS, resolve
-from loralab.train_job import BUNDLED_EVAL, BUNDLED_TRAIN, bundled_model_dir
+from loralab.train_cli import resolve
+from loralab.train_job import BUNDLED_EVAL, BUNDLED_TRAIN, TrainJob, bundled_model_dir
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -50,8 +53,9 @@ def test_help_lists_every_option(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in OPTIONS:
-        assert "--" + name.replace("_", "-") in text
+    assert len(fields(TrainJob)) >= 26
+    for f in fields(TrainJob):
+        assert "--" + f.name.replace("_", "-") in text
     assert "--config" in text and "bundled" in text
 
 
@@ -74,14 +78,48 @@ def test_bad_options_say_what_is_valid(capsys, argv, fragment):
 
 def test_defaults_bundled_recipe_config_file_and_flag_precedence(tmp_path):
     bundled = resolve(parse())
-    assert bundled["bundled"] and bundled["data"] == BUNDLED_TRAIN and bundled["eval_data"] == BUNDLED_EVAL
-    assert bundled["target_modules"] == "query,key,value,dense" and bundled["model"] == bundled_model_dir()
+    assert bundled.data == BUNDLED_TRAIN and bundled.eval_data == BUNDLED_EVAL
+    assert bundled.target_modules == ("query", "key", "value", "dense") and bundled.model == bundled_model_dir()
+    assert (bundled.lr, bundled.epochs, bundled.r) == (5e-4, 4, 16)        # the recipe, then the defaults
     config = tmp_path / "run.toml"
-    config.write_text('data = "mine.jsonl"\nlora-alpha = 64\nepochs = 5\nbf16 = true\n')
-    opts = resolve(parse("--config", str(config), "--epochs", "2"))
-    assert not opts["bundled"] and opts["data"] == Path("mine.jsonl")
-    assert (opts["lora_alpha"], opts["epochs"], opts["bf16"], opts["lr"]) == (64.0, 2, True, 2e-4)
-    assert opts["target_modules"] == "all-linear"
+    config.write_text('data = "mine.jsonl"\nlora-alpha = 64\nepochs = 5\nbf16 = true\nlr = 1e-3\n')
+    job = resolve(parse("--config", str(config), "--epochs", "2"))
+    assert job.data == Path("mine.jsonl") and job.model == bundled_model_dir()
+    assert (job.lora_alpha, job.epochs, job.bf16, job.lr, job.warmup_ratio) == (64.0, 2, True, 1e-3, 0.06)
+    assert job.target_modules == "all-linear"                               # no recipe once data is given
+    with pytest.raises(ValueError, match="--model was given without --data"):
+        resolve(parse("--model", str(tmp_path)))
+
+
+def test_the_job_is_checked_when_made_and_names_the_field():
+    with pytest.raises(ValueError, match=r"r=0: expected a positive integer, got 0 \(option --r\)"):
+        TrainJob(data="d.jsonl", r=0)
+    with pytest.raises(ValueError, match=r"warmup_ratio must be in \[0, 0.5\], got 0.9"):  # TrainConfig's check
+        TrainJob(data="d.jsonl", warmup_ratio=0.9)
+    with pytest.raises(ValueError, match="bf16 must be True or False, got 'yes'"):
+        TrainJob(data="d.jsonl", bf16="yes")
+    with pytest.raises(ValueError, match="data must be a path, got None"):
+        TrainJob(data=None)
+    job = TrainJob(data="d.jsonl", target_modules="q_proj, v_proj", out="runs/x")
+    assert job.data == Path("d.jsonl") and job.out == Path("runs/x") and job.target_modules == ("q_proj", "v_proj")
+    with pytest.raises(AttributeError):
+        job.r = 4
+
+
+def test_the_training_loop_settings_come_from_the_job():
+    from loralab.train_job import lora_config, train_config
+    from loralab.trainer import TrainConfig
+    job = TrainJob(data="d.jsonl", epochs=7, lr=1e-3, grad_accum=2, no_progress=True, out="o", target_modules="q")
+    loop = train_config(job)
+    assert (loop.epochs, loop.lr, loop.grad_accum, loop.progress, loop.out_dir, loop.save_every) == \
+        (7, 1e-3, 2, False, "o", 50)
+    assert (loop.weight_decay, loop.max_grad_norm) == (TrainConfig.weight_decay, TrainConfig.max_grad_norm)
+    default = TrainJob(data="d.jsonl")
+    for name in ("epochs", "lr", "batch_size", "grad_accum", "warmup_ratio", "schedule", "loraplus_lr_ratio", "seed"):
+        assert getattr(default, name) == getattr(TrainConfig(), name), name
+    lora = lora_config(job, ["classifier"])
+    assert (lora.r, lora.lora_alpha, list(lora.target_modules), list(lora.modules_to_save)) == \
+        (16, 32.0, ["q"], ["classifier"])
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -105,30 +143,36 @@ def test_config_file_errors(tmp_path, content, fragment):
 def test_config_file_target_modules_list(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)
-    assert resolve(parse("--config", str(path)))["target_modules"] == "q_proj,v_proj"
+    assert resolve(parse("--config", str(path))).target_modules == ("q_proj", "v_proj")
 
 
-def test_merge_check_sends_the_batch_to_the_model_device(monkeypatch):
-    """The meta device stands in for an accelerator: the probe's parameters live there, the data does not."""
-    from types import SimpleNamespace
-    from loralab import train_job
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                  reason="needs a CUDA device"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merge_difference_is_the_real_output_gap_and_leaves_the_model_unmerged(device):
+    from transformers import BertConfig, BertForSequenceClassification
+    from loralab import LoraConfig, add_lora
     from loralab.dataset import TokenizedData
-    seen = []
-
-    class Probe(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.weight = torch.nn.Parameter(torch.empty(2, device="meta"))
-
-        def forward(self, input_ids, attention_mask):
-            seen.append((input_ids.device.type, attention_mask.device.type))
-            return SimpleNamespace(logits=torch.zeros(len(input_ids), 2))
-
-    monkeypatch.setattr(train_job, "merge", lambda model: None)
-    monkeypatch.setattr(train_job, "unmerge", lambda model: None)
-    data = TokenizedData([{"input_ids": [1, 2, 3], "labels": 0}, {"input_ids": [4], "labels": 1}])
-    assert train_job._merge_check(Probe(), data) == 0.0
-    assert seen == [("meta", "meta")] * 2
+    from loralab.train_job import merge_difference
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                     num_attention_heads=4, vocab_size=101, num_labels=3))
+    add_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], init_lora_weights=False))
+    model.to(device).eval()
+    data = TokenizedData([{"input_ids": list(range(5, 5 + n)), "labels": n % 3} for n in (3, 7, 4)])
+    batch = {k: v.to(device) for k, v in data.collate(range(3)).items() if k != "labels"}
+    with torch.no_grad():
+        before = model(**batch).logits
+    diff = merge_difference(model, data)             # the data stays on the CPU; the model may not
+    assert 0 <= diff < 1e-5
+    with torch.no_grad():  # unmerged again: merged, the update would count twice
+        torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=1e-6)
+    model.to(torch.bfloat16)   # merged into 16-bit weights the update is rounded: the gap shows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # unmerging in 16 bits is lossy, and says so
+        assert 0 < merge_difference(model, data) < 0.1
 
 
 def test_run_json_is_replaced_atomically(tmp_path, monkeypatch):
@@ -204,8 +248,9 @@ def test_tiny_causal_lm_end_to_end_with_held_out_split(tmp_path, capsys):
 
 def test_the_bundled_job_end_to_end(tmp_path):
     """`loralab train` with no arguments: the real pretrained MiniLM on the bundled dataset."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # this checkout's loralab
     proc = subprocess.run([sys.executable, "-m", "loralab.cli", "train", "--json", "--out", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["accuracy_before"] < 0.4                        # a new head: chance is 0.25

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent('''
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
     from loralab import LoraConfig, add_lora
-    from loralab.train import TrainConfig, train
+    from loralab.trainer import TrainConfig, train
     from loralab import distributed as dd
 
     out, global_batch, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
@@ -49,7 +49,9 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1"}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "HF_HUB_OFFLINE": "1",
+       "PYTHONPATH": ROOT}  # the script runs from a temporary directory: import this checkout's loralab
 ENV.pop("WORLD_SIZE", None)
 
 

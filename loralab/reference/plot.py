@@ -2,6 +2,7 @@
 
 Each panel colours a 200×200 grid over [−1.15, 1.15]² by the predicted class and overlays the held-out points.
 It draws on a bare `Figure` with the Agg canvas, so it never touches pyplot or the caller's backend.
+Without matplotlib, plot_spirals raises PlotUnavailable, which says how to install it.
 """
 
 from __future__ import annotations
@@ -13,17 +14,27 @@ import numpy as np
 from .mlp import Params, predict
 from .spirals import rotate
 
-__all__ = ["plot_spirals"]
+__all__ = ["plot_spirals", "PlotUnavailable"]
 
 _COLOURS = ("#4C72B0", "#DD8452", "#55A868")
+
+
+class PlotUnavailable(ImportError):
+    """matplotlib (the optional [plot] extra) is not installed."""
 
 
 def plot_spirals(path: str | Path, x_test: np.ndarray, y_test: np.ndarray, rotation: float, base: Params,
                  lora: Params, scaling: float, full: Params) -> Path:
     """Write four panels (base on the original task; base, LoRA, full fine-tuning on the rotated task) to path."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.colors import ListedColormap
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import ListedColormap
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.partition(".")[0] != "matplotlib":
+            raise
+        raise PlotUnavailable("the figure needs matplotlib, which is not installed: pip install loralab[plot] "
+                              "(or pass --no-plot)") from None
 
     x_rot = rotate(x_test, rotation)
     panels = [("base, original task", x_test, base, None),

@@ -118,7 +118,8 @@ class SpiralsResult:
 
 
 def run_spirals(config: SpiralsConfig = SpiralsConfig(), out_dir: str | Path | None = None, say=print) -> SpiralsResult:
-    """Run the experiment; with `out_dir`, also write decision boundaries to out_dir/spirals.png."""
+    """Run the experiment; with `out_dir`, also write decision boundaries to out_dir/spirals.png (when matplotlib
+    is installed; without it the result has plot=None and `say` tells how to install it)."""
     start = time.perf_counter()
     data_rng, test_rng, init_rng, lora_rng = (np.random.default_rng(s)
                                               for s in np.random.SeedSequence(config.seed).spawn(4))
@@ -153,10 +154,13 @@ def run_spirals(config: SpiralsConfig = SpiralsConfig(), out_dir: str | Path | N
             seconds=0.0, config=asdict(config))
         _report(result, say)
         if out_dir is not None:
-            from .plot import plot_spirals
-            result.plot = str(plot_spirals(Path(out_dir) / "spirals.png", x_test, y_test, config.rotation, base, lora,
-                                           scaling, full))
-            say(f"decision boundaries: {result.plot}")
+            from .plot import PlotUnavailable, plot_spirals
+            try:
+                result.plot = str(plot_spirals(Path(out_dir) / "spirals.png", x_test, y_test, config.rotation, base,
+                                               lora, scaling, full))
+                say(f"decision boundaries: {result.plot}")
+            except PlotUnavailable as e:  # the numbers above stand on their own
+                say(f"no decision-boundary plot: {e}")
     result.seconds = round(time.perf_counter() - start, 2)
     return result
 

@@ -33,7 +33,8 @@ from . import distributed as dd
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from .dataset import IGNORE_INDEX, TASKS, TokenizedData
 
-__all__ = ["TrainConfig", "train", "evaluate", "lr_at", "History", "seed_everything"]
+__all__ = ["TrainConfig", "train", "evaluate", "lr_at", "History", "seed_everything", "make_optimizer",
+           "enable_gradient_checkpointing", "SCHEDULES"]
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -133,7 +134,7 @@ def _as_data(data) -> TokenizedData:
     return TokenizedData(list(data))
 
 
-def _optimizer(params: dict[str, nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
     """AdamW groups: matrices with weight decay, vectors (biases, norms) without; lora_B at ratio × lr."""
     groups: dict[tuple, list] = {}
     for name, p in params.items():
@@ -216,18 +217,18 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
                          "(or mark modules_to_save)")
     seed_everything(config.seed + rank)  # dropout differs per rank; the data order comes from config.seed
     if config.gradient_checkpointing:
-        _enable_checkpointing(model)
+        enable_gradient_checkpointing(model)
     if dd.is_sharded(model) and (config.save_every or config.resume):
         raise ValueError("checkpoints of an FSDP-sharded model are not supported: train the adapters with DDP "
                          "(they are small), or set save_every=None and gather the adapters with full_tensor()")
     steps_per_epoch, total = _plan(len(data), config, world)
-    optimizer = _optimizer(params, config)
+    optimizer = make_optimizer(params, config)
     history, start = History(total_steps=total), 0
     ckpt_root = Path(config.out_dir) / "checkpoints" if config.out_dir else None
     if config.resume and (found := latest_checkpoint(ckpt_root)) is not None:
         meta = load_checkpoint(found, model, optimizer, rank)
         start, history = meta["step"], History(**meta["history"])
-        history.resumed_from = start
+        history.resumed_from, history.total_steps = start, total
     runner = dd.wrap(model)
     device = _device(model)
     bar = _progress(config, total, start)
@@ -346,7 +347,7 @@ def evaluate(model: nn.Module, data, config: TrainConfig | None = None, batch_si
     return out
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
+def enable_gradient_checkpointing(model: nn.Module) -> None:
     """transformers' gradient checkpointing, non-reentrant: the recomputed blocks still send gradients to
     the adapters inside them even though the blocks' inputs (frozen embeddings) need no gradient."""
     kwargs = {"use_reentrant": False}
