@@ -8,7 +8,7 @@ From the factors alone (an InspectReport), one finding per kind of problem, not 
     rank_collapse   r ≥ COLLAPSE_MIN_R (4) but the update is about rank one: energy(1) ≥ COLLAPSE_ENERGY (0.9)
                     or effective rank < COLLAPSE_ERANK (1.5); a lower r holds the same update
     rank_above_dims r > min(out, in): ΔW cannot have rank above min(out, in), the extra rank is wasted
-    scaling         the scaling α/r (α/√r with rsLoRA) is outside SCALING_RANGE (0.5–4), far from the usual 1–2
+    alpha_ratio     the scaling α/r (α/√r with rsLoRA) is far from the usual 1–2 (guidance.SCALING_RANGE)
 
 With a base model and a probe batch of random token ids (probe_model), two output checks:
 
@@ -26,14 +26,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .guidance import rank_advice, scaling_advice
+
 __all__ = ["Finding", "ProbeResult", "diagnose", "probe_model", "NEAR_ZERO", "COLLAPSE_ENERGY", "COLLAPSE_ERANK",
-           "COLLAPSE_MIN_R", "SCALING_RANGE", "MERGE_TOLERANCE"]
+           "COLLAPSE_MIN_R", "MERGE_TOLERANCE"]
 
 NEAR_ZERO = 1e-4           # ‖ΔW‖/‖W0‖ below this: the update hardly changes the layer
 COLLAPSE_ENERGY = 0.9      # energy at rank 1 at or above this ...
 COLLAPSE_ERANK = 1.5       # ... or an effective rank below this: the update is ~rank one
 COLLAPSE_MIN_R = 4         # only flagged when r is at least this
-SCALING_RANGE = (0.5, 4.0)
 MERGE_TOLERANCE = {"full": 1e-4, "half": 2e-2}   # of max(1, output scale): fp32/fp64 bases, bf16/fp16 bases
 SEVERITIES = ("error", "warning", "info")
 
@@ -145,25 +146,10 @@ def _collapse(live: list) -> list[Finding]:
 
 
 def _configuration(mods: list) -> list[Finding]:
-    out = []
-    over = [m for m in mods if m.r > min(m.shape)]
-    if over:
-        module, where = _which(over)
-        e = over[0]
-        out.append(Finding("warning", module, f"r exceeds min(out, in) in {where} ({e.path}: r={e.r} on "
-                           f"{e.shape[0]}×{e.shape[1]}): ΔW cannot have rank above {min(e.shape)}, so the extra rank "
-                           f"is wasted parameters. Use r ≤ {min(min(m.shape) for m in over)} (rank_pattern for "
-                           f"these modules).", "rank_above_dims"))
-    lo, hi = SCALING_RANGE
-    far = [m for m in mods if not lo <= m.scaling <= hi]
-    if far:
-        module, where = _which(far)
-        values = sorted({round(m.scaling, 4) for m in far})
-        whole = "every module" if len(far) == len(mods) else where
-        out.append(Finding("warning", module, f"scaling α/r = {', '.join(f'{v:g}' for v in values)} on {whole}, far "
-                           f"from the usual 1–2 (lora_alpha = r or 2r); too small and the update is lost, too large "
-                           f"and training is unstable. Set lora_alpha to r or 2r (α/√r with use_rslora).", "scaling"))
-    return out
+    """r above a layer's dimensions and a scaling far from 1–2: the training job's own guidance rules."""
+    found = [rank_advice({m.path: m.r for m in mods}, {m.path: (m.shape[1], m.shape[0]) for m in mods}),
+             scaling_advice({m.path: m.scaling for m in mods})]
+    return [Finding("warning", None, str(a), a.rule) for a in found if a is not None]
 
 
 def _probe_findings(probe: ProbeResult) -> list[Finding]:

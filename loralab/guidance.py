@@ -23,9 +23,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Advice", "check_hyperparameters", "compare_to_head_only", "recommended_lr"]
+__all__ = ["Advice", "check_hyperparameters", "compare_to_head_only", "recommended_lr", "scaling_advice",
+           "rank_advice", "SCALING_RANGE"]
 
 LARGE_MODEL_PARAMS = 33e9
+SCALING_RANGE = (0.25, 8.0)   # α/r (α/√r with rsLoRA) outside this is far from the usual 1–2
 
 
 @dataclass(frozen=True)
@@ -63,18 +65,33 @@ def _validate(r, lora_alpha, lr, epochs, warmup_ratio, lora_dropout, n_examples)
           "an integer >= 0 or None")
 
 
-def _rank_advice(r: int, module_dims: Mapping) -> Advice | None:
-    """One line for every layer whose min(in, out) is below r."""
-    small = {path: (i, o) for path, (i, o) in module_dims.items() if r > min(i, o)}
+def rank_advice(ranks: Mapping | int, module_dims: Mapping) -> Advice | None:
+    """One line for every layer whose min(in, out) is below its r.  ranks: one r, or {module path: r}."""
+    r_of = (lambda p: ranks) if isinstance(ranks, int) else ranks.get
+    small = {path: (i, o) for path, (i, o) in module_dims.items() if r_of(path) is not None and r_of(path) > min(i, o)}
     if not small:
         return None
     path, (i, o) = min(small.items(), key=lambda kv: (min(kv[1]), kv[0]))
-    smallest = min(i, o)
+    smallest, rs = min(i, o), sorted({r_of(p) for p in small})
     return Advice("rank_above_dims",
-                  f"r={r} exceeds min(in, out) of {len(small)} of {len(module_dims)} adapted layers (smallest: "
-                  f"{path}, {i} -> {o}); ΔW there cannot have rank above {smallest}, so the extra rank is "
-                  f"wasted parameters",
+                  f"r={'/'.join(map(str, rs))} exceeds min(in, out) of {len(small)} of {len(module_dims)} adapted "
+                  f"layers (smallest: {path}, {i} -> {o}); ΔW there cannot have rank above {smallest}, so the extra "
+                  f"rank is wasted parameters",
                   f"lower r to {smallest} or leave those layers out (exclude_modules, or rank_pattern for them)")
+
+
+def scaling_advice(scalings: Mapping) -> Advice | None:
+    """One line for the modules whose scaling ({module path: α/r, or α/√r with rsLoRA}) is outside
+    SCALING_RANGE: too small and the update is lost, too large and training is unstable."""
+    lo, hi = SCALING_RANGE
+    far = {p: s for p, s in scalings.items() if not lo <= s <= hi}
+    if not far:
+        return None
+    values = ", ".join(f"{v:g}" for v in sorted({round(s, 4) for s in far.values()}))
+    where = "every adapted module" if len(far) == len(scalings) else f"{len(far)} of {len(scalings)} adapted modules"
+    return Advice("alpha_ratio", f"the scaling α/r = {values} on {where} is far from the usual 1-2 (the effective "
+                  f"lr scales with it: too small and the update is lost, too large and training is unstable)",
+                  "set lora_alpha to r or 2r (α/√r with use_rslora)")
 
 
 def check_hyperparameters(*, r: int, lora_alpha: float, lr: float, epochs: float, warmup_ratio: float,
@@ -94,12 +111,12 @@ def check_hyperparameters(*, r: int, lora_alpha: float, lr: float, epochs: float
         advice.append(Advice("lr_low", f"lr={lr:g} is far below LoRA's usual {good_lr:g}: the adapter will barely "
                              f"move (LoRA wants 5-10x the lr of a full fine-tune)", f"use --lr {good_lr:g}"))
     ratio = lora_alpha / r
-    if ratio < 0.25 or ratio > 8:
+    if not SCALING_RANGE[0] <= ratio <= SCALING_RANGE[1]:
         advice.append(Advice("alpha_ratio", f"lora_alpha/r = {lora_alpha:g}/{r} = {ratio:g} scales the update far "
                              f"from the usual 1-2 (the effective lr scales with it)",
                              f"use --lora-alpha {r} or {2 * r} (alpha = r or 2r)"))
     if module_dims:
-        found = _rank_advice(r, module_dims)
+        found = rank_advice(r, module_dims)
         if found:
             advice.append(found)
     if epochs > 10:

@@ -162,10 +162,10 @@ def test_doctor_configuration_checks_are_one_line_each():
                for i in range(4)}  # r=8 on 3×5 layers, scaling 16
     findings = diagnose(inspect_factors(factors))
     assert [f.code for f in findings].count("rank_above_dims") == 1
-    [scaling] = [f for f in findings if f.code == "scaling"]
-    assert "16" in scaling.message and "every module" in scaling.message and "lora_alpha" in scaling.message
+    [scaling] = [f for f in findings if f.code == "alpha_ratio"]  # the rule loralab train warns with, too
+    assert "16" in scaling.message and "every adapted module" in scaling.message and "lora_alpha" in scaling.message
     assert not [f for f in diagnose(inspect_factors({"x": (torch.randn(2, 5), torch.randn(3, 2), 2.0)}))
-                if f.code in ("scaling", "rank_above_dims")]
+                if f.code in ("alpha_ratio", "rank_above_dims")]
 
 
 def test_doctor_near_zero_effect_uses_the_base():
