@@ -144,6 +144,19 @@ def _inspect_run(args, say) -> dict:
     return inspect_adapter_dir(args.adapter, args.base, args.report, probe_tokens=args.probe_tokens, say=say)
 
 
+def _doctor_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter directory (loralab or PEFT format)")
+    p.add_argument("--base", metavar="MODEL_DIR", default=None,
+                   help="local transformers model the adapter was trained on: adds the output checks")
+    p.add_argument("--probe-tokens", type=positive_int, default=16, help="probe sequence length (default 16)")
+
+
+def _doctor_run(args, say) -> dict:
+    from .inspect_adapter import inspect_adapter_dir
+    result = inspect_adapter_dir(args.adapter, args.base, probe_tokens=args.probe_tokens, say=say, table=False)
+    return {k: result[k] for k in ("adapter", "base", "probe", "findings")}
+
+
 def _diff_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("a", metavar="A_DIR", help="first adapter directory")
     p.add_argument("b", metavar="B_DIR", help="second adapter directory")
@@ -226,6 +239,8 @@ COMMANDS = {
                _energy_run),
     "inspect": ("what an adapter did, per module: norms, spectrum, energy, ranks; the adapter doctor; a report",
                 _inspect_args, _inspect_run),
+    "doctor": ("what is wrong with an adapter and how to fix it (untrained, NaN, rank collapse, scaling, "
+               "hyperparameters of the run, output checks with --base)", _doctor_args, _doctor_run),
     "diff": ("compare two adapters per module: cosine of the updates and overlap of their top-k subspaces",
              _diff_args, _diff_run),
     "estimate": ("memory and size planner: full fine-tuning vs LoRA vs QLoRA, adapter files, will it fit",

@@ -28,7 +28,7 @@ from torch import nn
 
 from .guidance import rank_advice, scaling_advice
 
-__all__ = ["Finding", "ProbeResult", "diagnose", "probe_model", "NEAR_ZERO", "COLLAPSE_ENERGY", "COLLAPSE_ERANK",
+__all__ = ["training_findings", "Finding", "ProbeResult", "diagnose", "probe_model", "NEAR_ZERO", "COLLAPSE_ENERGY", "COLLAPSE_ERANK",
            "COLLAPSE_MIN_R", "MERGE_TOLERANCE"]
 
 NEAR_ZERO = 1e-4           # ‖ΔW‖/‖W0‖ below this: the update hardly changes the layer
@@ -150,6 +150,31 @@ def _configuration(mods: list) -> list[Finding]:
     found = [rank_advice({m.path: m.r for m in mods}, {m.path: (m.shape[1], m.shape[0]) for m in mods}),
              scaling_advice({m.path: m.scaling for m in mods})]
     return [Finding("warning", None, str(a), a.rule) for a in found if a is not None]
+
+
+def training_findings(run_file) -> list[Finding]:
+    """The guidance's hyperparameter checks on the run that trained the adapter (`loralab train`'s run.json,
+    when there is one): lr, epochs, warmup, dropout far outside the usual recipe, and an adapter that did worse
+    than the head-only baseline."""
+    import json
+    from pathlib import Path
+
+    from .guidance import check_hyperparameters, compare_to_head_only
+    path = Path(run_file)
+    if not path.is_file():
+        return []
+    try:
+        run = json.loads(path.read_text())
+        job = run.get("job") or run.get("options") or {}
+        advice = check_hyperparameters(r=job["r"], lora_alpha=float(job["lora_alpha"]), lr=float(job["lr"]),
+                                       epochs=job["epochs"], warmup_ratio=float(job["warmup_ratio"]),
+                                       lora_dropout=float(job["lora_dropout"]), n_examples=run.get("train_examples"))
+    except (ValueError, KeyError, TypeError):
+        return []  # not a run record this version wrote: nothing to check
+    after, head = run.get("accuracy_after"), run.get("accuracy_head_only")
+    if isinstance(after, (int, float)) and isinstance(head, (int, float)):
+        advice.append(compare_to_head_only(after, head))
+    return [Finding("warning", None, f"{a} ({path.name})", a.rule) for a in advice if a is not None]
 
 
 def _probe_findings(probe: ProbeResult) -> list[Finding]:

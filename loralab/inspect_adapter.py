@@ -233,10 +233,11 @@ def diff_factors(a: dict, b: dict, k: int = 4) -> DiffReport:
 
 # ---- directories (what the CLI calls) ---------------------------------------------------------------------
 def inspect_adapter_dir(adapter_dir, base_dir=None, report_dir=None, *, probe_tokens: int = 16, seed: int = 0,
-                        say=None) -> dict:
+                        say=None, table: bool = True) -> dict:
     """Inspect `adapter_dir`; with `base_dir` (a local transformers model) add ‖ΔW‖/‖W0‖ and the output checks;
-    with `report_dir` write the report folder.  Prints the table and the doctor's findings with `say`."""
-    from .doctor import diagnose, probe_model
+    with `report_dir` write the report folder.  Prints the table (unless table=False) and the doctor's
+    findings with `say`; a `run.json` of `loralab train` next to the adapter adds the hyperparameter checks."""
+    from .doctor import diagnose, probe_model, training_findings
     say = say or (lambda *a: None)
     factors = read_factors(adapter_dir, allow_nonfinite=True)
     base_weights, probe, model = None, None, None
@@ -246,9 +247,10 @@ def inspect_adapter_dir(adapter_dir, base_dir=None, report_dir=None, *, probe_to
     report = inspect_factors(factors, base_weights)
     if model is not None:  # after the norms are taken: the probe loads and merges the adapter into the model
         probe = probe_model(model, adapter_dir, probe_tokens=probe_tokens, seed=seed)
-    findings = diagnose(report, probe)
+    findings = diagnose(report, probe) + training_findings(Path(adapter_dir).parent / "run.json")
     say(f"adapter {adapter_dir}: {len(report.modules)} modules" + (f", base {base_dir}" if base_dir else ""))
-    say(report.table())
+    if table:
+        say(report.table())
     if probe is not None:
         say(probe.summary())
     say("doctor: " + ("no problems found" if not findings else f"{len(findings)} findings"))

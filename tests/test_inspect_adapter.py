@@ -333,3 +333,17 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, argv, match):
     assert main([a.format(tmp=tmp_path) for a in argv] + ["--json"]) == 2
     captured = capsys.readouterr()
     assert re.search(match, json.loads(captured.out)["error"]) and "error:" in captured.err
+
+
+def test_cli_doctor_end_to_end_with_the_runs_hyperparameters(tmp_path, capsys):
+    run = tmp_path / "run"
+    model = add_lora(tiny_llama(), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))  # B = 0: untrained
+    save_adapter(model, run / "adapter")
+    job = {"r": 8, "lora_alpha": 16, "lr": 0.05, "epochs": 3, "warmup_ratio": 0.06, "lora_dropout": 0.0}
+    (run / "run.json").write_text(json.dumps({"job": job, "train_examples": 200,
+                                              "accuracy_after": 0.5, "accuracy_head_only": 0.7}))
+    assert main(["doctor", str(run / "adapter"), "--json"]) == 0
+    captured = capsys.readouterr()
+    codes = [f["code"] for f in json.loads(captured.out)["findings"]]
+    assert codes[0] == "untrained" and "lr_high" in codes and "lora_below_head_only" in codes
+    assert "lr=0.05" in captured.err and "modules" not in captured.err.splitlines()[1]  # findings, no table
