@@ -30,8 +30,9 @@ state, without the head, and returns None whenever it cannot be sure the model's
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -55,21 +56,23 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     hidden: (N, H), weight: (V, H), bias: (V,) or None, targets: (N,) integer class ids or ignore_index.
     reduction "sum" or "mean" (over the rows not ignored).  When every target is ignored the loss is 0 and
     every gradient 0 for both reductions (F.cross_entropy's "mean" gives NaN there).
-    chunk_size: rows per chunk; None picks chunk_rows(V).  Returns a 0-dim float32 tensor (float64 for
-    float64 inputs), differentiable w.r.t. hidden, weight and bias (once: no double backward)."""
+    chunk_size: at most this many rows per chunk (the rows are split evenly); None picks chunk_rows(V).
+    Returns a 0-dim float32 tensor (float64 for float64 inputs), differentiable w.r.t. hidden, weight and
+    bias (once: no double backward).  Host syncs: one (count and range of the targets), two if rows are dropped."""
     _check(hidden, weight, targets, bias, chunk_size, reduction)
     chunk = chunk_size or chunk_rows(weight.shape[0])
     targets = targets.long()
     keep = targets != ignore_index
-    if not bool(keep.all()):                 # drop ignored rows before projecting them
+    kept = torch.where(keep, targets, 0)
+    n, low, high = torch.stack([keep.sum(), kept.min(), kept.max()]).tolist() if targets.numel() else (0, 0, 0)
+    if low < 0 or high >= weight.shape[0]:
+        raise ValueError(f"targets must be class ids in [0, {weight.shape[0]}) or ignore_index={ignore_index}; "
+                         f"got values in [{low}, {high}]")
+    if n < targets.shape[0]:                 # drop ignored rows before projecting them
         rows = keep.nonzero().squeeze(1)
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
-    n = targets.shape[0]
     if n:
-        low, high = targets.aminmax()
-        if low < 0 or high >= weight.shape[0]:
-            raise ValueError(f"targets must be class ids in [0, {weight.shape[0]}) or ignore_index="
-                             f"{ignore_index}; got values in [{int(low)}, {int(high)}]")
+        chunk = math.ceil(n / math.ceil(n / chunk))   # equal chunks, no small last one
     scale = 1.0 / n if reduction == "mean" and n else 1.0
     compute = _compute_dtype(hidden, weight, bias)
     tensors = (hidden, weight, bias)
@@ -227,9 +230,10 @@ def causal_lm_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor,
                          f"{tuple(hidden.shape[:2])}; pass labels of shape (batch, sequence)")
     targets = labels[:, 1:].to(hidden.device)                          # (B, T-1): position t predicts t+1
     keep = targets != IGNORE_INDEX
-    loss = linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets[keep], bias=head.bias,
+    targets = targets[keep]                                            # (n,)
+    loss = linear_cross_entropy(hidden[:, :-1][keep], head.weight, targets, bias=head.bias,
                                 chunk_size=chunk_size, reduction="sum")
-    return loss, int(keep.sum())
+    return loss, targets.shape[0]
 
 
 def _plain_head(model: nn.Module, inputs: dict) -> tuple[nn.Module, nn.Linear] | None:
