@@ -205,6 +205,15 @@ def test_causal_lm_loss_equals_the_logits_path_with_lora_gradients(make, lora):
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_causal_lm_loss_under_bf16_autocast_equals_the_autocast_logits_path():
+    model = tiny_llama()
+    inputs, labels = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = causal_lm_loss_sum(model, inputs, labels)
+        ref, _ = _logits_path(model, inputs, labels)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=0)
+
+
 def _tiny(cls_name):
     import transformers
     common = dict(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
