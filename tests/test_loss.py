@@ -46,7 +46,7 @@ def test_matches_full_logits_float64(chunk, reduction, bias, weight_grad):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(n=st.integers(0, 40), h=st.integers(1, 8), v=st.integers(1, 30), chunk=st.integers(1, 50),
        ignored=st.sets(st.integers(0, 39)), reduction=st.sampled_from(["sum", "mean"]), bias=st.booleans(),
        weight_grad=st.booleans(), seed=st.integers(0, 2 ** 16))
@@ -63,10 +63,10 @@ def test_property_matches_full_logits(n, h, v, chunk, ignored, reduction, bias, 
 
 
 def test_gradcheck():
-    hidden, weight, bias, targets = _inputs(7, 3, 5, bias=True, weight_grad=True, ignore=(2,))
+    hidden, weight, bias, targets = _inputs(5, 3, 4, bias=True, weight_grad=True, ignore=(2,))
     for reduction in ("sum", "mean"):
         assert torch.autograd.gradcheck(
-            lambda h, w, b: linear_cross_entropy(h, w, targets, bias=b, chunk_size=3, reduction=reduction),
+            lambda h, w, b: linear_cross_entropy(h, w, targets, bias=b, chunk_size=2, reduction=reduction),
             (hidden, weight, bias))
 
 
