@@ -134,7 +134,7 @@ def _step(kind: str, model, opt, ids: torch.Tensor) -> float:
     if kind == "PEFT":
         return peft_style_step(model, opt, ids)
     from loralab.loss import causal_lm_loss_sum
-    from loralab.train import _loss_sum, _targets
+    from loralab.trainer import _loss_sum, _targets
     inputs, labels = {"input_ids": ids}, ids
     if kind == "loralab, fused loss":
         loss, count = causal_lm_loss_sum(model, inputs, labels)
@@ -171,7 +171,7 @@ def loss_agreement() -> dict[str, float]:
     from bench_inference import _nonzero_b, reference_model
     from loralab.inject import lora_layers
     from loralab.loss import causal_lm_loss_sum
-    from loralab.train import _loss_sum, _targets
+    from loralab.trainer import _loss_sum, _targets
     base = reference_model()
     ours, theirs = build("loralab", base, dropout=0.0), build("PEFT", base, dropout=0.0)
     _nonzero_b(ours)

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .saved import SavedModule
+
 __all__ = ["linear_cross_entropy", "causal_lm_loss_sum", "chunk_rows", "PLAIN_HEAD_MODELS"]
 
 IGNORE_INDEX = -100
@@ -251,6 +253,8 @@ def _plain_head(model: nn.Module, inputs: dict) -> tuple[nn.Module, nn.Linear] |
         return None
     body_path, head_name = PLAIN_HEAD_MODELS[cls.__name__]
     body, head = model.get_submodule(body_path), getattr(model, head_name, None)
+    if isinstance(head, SavedModule) and head.rows is None and not _hooked(head):
+        head = head.in_use()                          # a head trained in full: the copy that computes the output
     if type(head) is not nn.Linear or type(head.weight.data) is not torch.Tensor \
             or not head.weight.dtype.is_floating_point:
         return None                                   # LoRA-wrapped, quantized or sharded head

@@ -11,9 +11,11 @@ One optimizer step, top to bottom:
     save    every save_every steps: a checkpoint to resume from exactly (see checkpoint.py)
 
 LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns `loraplus_lr_ratio` times faster than A (B starts at
-zero and its useful learning rate is larger).  Losses are computed here from the model's logits, not by the
-model, so any nn.Module whose forward takes the batch's inputs and returns logits trains the same way:
-classify: logits (B, C) vs labels (B,);  causal-lm: logits (B, T, V) vs labels (B, T) shifted by one.
+zero and its useful learning rate is larger).  Losses are computed here, not by the model, so any nn.Module
+whose forward takes the batch's inputs and returns logits trains the same way: classify: logits (B, C) vs
+labels (B,); causal-lm: logits (B, T, V) vs labels (B, T) shifted by one — for a transformers causal LM whose
+logits are lm_head(hidden), from the last hidden state in chunks over the target tokens instead (loss.py:
+the (B, T, V) logits and their gradient never exist, prompt and padding tokens are never projected).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from torch import nn
 from . import distributed as dd
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from .dataset import IGNORE_INDEX, TASKS, TokenizedData
+from .loss import causal_lm_loss_sum
 
 __all__ = ["TrainConfig", "train", "evaluate", "lr_at", "History", "seed_everything", "make_optimizer",
            "enable_gradient_checkpointing", "SCHEDULES"]
@@ -160,6 +163,23 @@ def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Te
                            ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+def batch_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor, task: str) -> torch.Tensor:
+    """Σ cross-entropy over one batch's targets.  causal-lm: from the last hidden state in chunks, only on the
+    target rows (loss.causal_lm_loss_sum: never the (B, T, V) logits nor their gradient) whenever the model's
+    logits are exactly lm_head(hidden); otherwise, and for classify, from the model's logits."""
+    if task == "causal-lm":
+        found = causal_lm_loss_sum(model, inputs, labels)
+        if found is not None:
+            return found[0]
+    return _loss_sum(_logits(model, inputs), labels, task)
+
+
+def causal_lm_step_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The mean next-token loss of a batch of token ids (every position a target), as one training step
+    computes it: what `model(input_ids, labels=input_ids).loss` gives, the cheap way."""
+    return batch_loss_sum(model, {"input_ids": input_ids}, input_ids, "causal-lm") / (input_ids[:, 1:].numel())
+
+
 def _targets(labels: torch.Tensor, task: str) -> int:
     return int(((labels[:, 1:] if task == "causal-lm" else labels) != IGNORE_INDEX).sum())
 
@@ -259,7 +279,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
             sync = nullcontext() if i == len(batches) - 1 or runner is model else runner.no_sync()
             with sync:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-                    loss = _loss_sum(_logits(runner, batch), labels, config.task)
+                    loss = batch_loss_sum(runner, batch, labels, config.task)
                 (loss * world / count.clamp(min=1)).backward()  # DDP averages over ranks: undo its 1/world
             loss_total += loss.detach().to(loss_total.dtype)
         loss_value = float(dd.all_reduce_sum(loss_total) / count.clamp(min=1))
@@ -335,11 +355,13 @@ def evaluate(model: nn.Module, data, config: TrainConfig | None = None, batch_si
         batch = {k: v.to(device) for k, v in data.collate(range(start, min(start + size, len(data)))).items()}
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            logits = _logits(model, batch)
-        loss += float(_loss_sum(logits, labels, config.task))
+            if config.task == "classify":
+                logits = _logits(model, batch)
+                loss += float(_loss_sum(logits, labels, config.task))
+                correct += int((logits.argmax(-1) == labels).sum())
+            else:
+                loss += float(batch_loss_sum(model, batch, labels, config.task))
         count += _targets(labels, config.task)
-        if config.task == "classify":
-            correct += int((logits.argmax(-1) == labels).sum())
     model.train(was_training)
     out = {"loss": loss / max(count, 1)}
     if config.task == "classify":

@@ -9,7 +9,7 @@ from torch import nn
 
 from loralab import LoraConfig, add_lora
 from loralab.loss import PLAIN_HEAD_MODELS, causal_lm_loss_sum, chunk_rows, linear_cross_entropy
-from loralab.train import _loss_sum
+from loralab.trainer import _loss_sum
 
 from conftest import tiny_gpt2, tiny_llama
 
