@@ -1,19 +1,24 @@
-"""Training step: loralab vs PEFT (and full fine-tuning for reference), same model, batches and config.
+"""Training step: loralab's own train() vs PEFT's standard loop, same model, batches and LoRA config.
 
 Reference model: LlamaForCausalLM from a config (hidden 512, intermediate 1408, 8 layers, 8 heads,
-vocab 32000, random init); LoRA r=16, alpha=32, dropout 0.05 on all 7 projections; batch 8 x 128; fp32;
-2 threads; AdamW.  One step = forward with labels (transformers' own loss) + backward + AdamW step, the
-same code for every variant.  Variants are timed round-robin (one step each per round) so drift on the
-machine hits all alike; the figure is the median over rounds.
+vocab 32000, random init); LoRA r=16, alpha=32, dropout 0.05 on all 7 projections; batch 8 x 128; 2 threads;
+AdamW lr 1e-3, weight decay 0.01.
+  loralab   one optimizer step of loralab.trainer.train (max_steps=1; its History times the step)
+  PEFT      peft.get_peft_model, then model(input_ids, labels=input_ids).loss, backward, AdamW step
+  floor     the frozen base alone: forward + backward through every frozen layer, no adapters
+fp32, and both again under bf16 autocast.  Variants are timed round-robin (one step each per round) so drift
+on the machine hits all alike; the figure is the median over rounds.
 
-Also: the loss curves of loralab and PEFT from identical adapter weights with dropout 0 (they must agree),
-and the peak resident memory of a training step (each variant in its own fresh process).
+Also: the loss curves of loralab's train() and PEFT's loop from identical adapter weights with dropout 0 on the
+same batches (they must agree), and the peak resident memory of a training step (each variant in a fresh process).
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -70,25 +75,80 @@ def batch(seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 32000, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
 
 
-def time_steps(rounds: int = 10, warmup: int = 2) -> dict[str, float]:
+def train_config(bf16: bool = False, steps: int = 1):
+    """loralab's train() on the benchmark batch: constant lr 1e-3, AdamW weight decay 0.01, no clipping (as the
+    PEFT loop), no progress bar."""
+    from loralab.trainer import TrainConfig
+    return TrainConfig(task="causal-lm", batch_size=BATCH, max_steps=steps, lr=1e-3, weight_decay=0.01,
+                       warmup_ratio=0.0, schedule="constant", max_grad_norm=None, bf16=bf16, progress=False)
+
+
+def as_data(ids: torch.Tensor) -> list[dict]:
+    """(B, T) token ids as train()'s examples: every position a target, as labels=input_ids."""
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def train_step(model, ids: torch.Tensor, bf16: bool = False) -> float:
+    """Seconds of one optimizer step of loralab's own train() (its History times the step, setup excluded)."""
+    from loralab.trainer import train
+    record = train(model, as_data(ids), config=train_config(bf16)).steps[0]
+    return BATCH / record["examples_per_s"]
+
+
+def peft_step(model, opt, ids: torch.Tensor, bf16: bool = False) -> float:
+    """Seconds of one step of the standard loop: model(input_ids, labels).loss, backward, AdamW."""
+    start = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def floor_model(base):
+    """The frozen base alone, no adapters: its forward and the input-gradient matmuls are the work any LoRA
+    step must do (the embedding output requires grad so backward runs through every frozen layer)."""
+    model = copy.deepcopy(base).train()
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())
+    return model
+
+
+def floor_step(model, ids: torch.Tensor) -> float:
+    from loralab.trainer import causal_lm_step_loss
+    start = time.perf_counter()
+    causal_lm_step_loss(model, ids).backward()
+    return time.perf_counter() - start
+
+
+VARIANTS = ("loralab train()", "PEFT", "floor: frozen base, no adapters",
+            "loralab train(), bf16 autocast", "PEFT, bf16 autocast")
+
+
+def time_steps(rounds: int = 8, warmup: int = 2, bf16_rounds: int = 3) -> dict[str, float]:
+    """Median seconds per step of each variant, timed round-robin (one step each per round; the bf16 pair in
+    fewer rounds: bf16 matmuls are slow on a CPU without native bf16 instructions)."""
     base = reference_model()
-    models = {kind: build(kind, base) for kind in ("loralab", "PEFT", "full fine-tuning")}
-    opts = {kind: optimizer(m) for kind, m in models.items()}
-    times = {kind: [] for kind in models}
-    ids = batch()
+    ours, theirs, floor = build("loralab", base), build("PEFT", base), floor_model(base)
+    ours16, theirs16 = build("loralab", base), build("PEFT", base)
+    opt, opt16 = optimizer(theirs), optimizer(theirs16)
+    run = {VARIANTS[0]: lambda ids: train_step(ours, ids), VARIANTS[1]: lambda ids: peft_step(theirs, opt, ids),
+           VARIANTS[2]: lambda ids: floor_step(floor, ids), VARIANTS[3]: lambda ids: train_step(ours16, ids, True),
+           VARIANTS[4]: lambda ids: peft_step(theirs16, opt16, ids, True)}
+    times = {kind: [] for kind in run}
     for i in range(warmup + rounds):
-        for kind, model in models.items():
-            start = time.perf_counter()
-            step(model, opts[kind], ids)
+        for kind, fn in run.items():
+            if "bf16" in kind and i >= warmup + bf16_rounds:
+                continue
+            seconds = fn(batch(i))
             if i >= warmup:
-                times[kind].append(time.perf_counter() - start)
+                times[kind].append(seconds)
     return {kind: statistics.median(t) for kind, t in times.items()}
 
 
-def loss_curves(steps: int = 6) -> tuple[list[float], list[float]]:
-    """Both libraries from the same adapter weights (loralab's init copied into PEFT), dropout 0."""
-    base = reference_model()
-    ours, theirs = build("loralab", base, dropout=0.0), build("PEFT", base, dropout=0.0)
+def copy_into_peft(ours, theirs) -> None:
+    """PEFT's adapters set to loralab's initial ones (same A; B is zero in both)."""
     from loralab.inject import lora_layers
     peft_params = dict(theirs.named_parameters())
     with torch.no_grad():
@@ -96,11 +156,26 @@ def loss_curves(steps: int = 6) -> tuple[list[float], list[float]]:
             for name in ("lora_A", "lora_B"):
                 peft_params[f"base_model.model.{path}.{name}.default.weight"].copy_(
                     getattr(layer.adapters["default"], name))
-    curves = []
-    for model in (ours, theirs):
-        opt = optimizer(model)
-        curves.append([step(model, opt, batch(s)) for s in range(steps)])
-    return curves[0], curves[1]
+
+
+def loss_curves(steps: int = 6) -> dict[str, list[float]]:
+    """Dropout 0, identical starting adapters: loralab's train() for `steps` steps (fp32, then bf16 autocast)
+    and PEFT's standard loop on the same batches in the same order."""
+    from loralab.trainer import _epoch_order, train
+    base = reference_model()
+    data = as_data(torch.cat([batch(s) for s in range(steps)]))
+    order = _epoch_order(len(data), 0, 0).view(steps, BATCH)
+    curves = {}
+    for label, bf16 in (("loralab", False), ("loralab, bf16 autocast", True)):
+        torch.manual_seed(0)                               # the same initial A every time
+        history = train(build("loralab", base, dropout=0.0), data, config=train_config(bf16, steps))
+        curves[label] = [s["loss"] for s in history.steps]
+    torch.manual_seed(0)
+    ours, theirs = build("loralab", base, dropout=0.0), build("PEFT", base, dropout=0.0)
+    copy_into_peft(ours, theirs)
+    opt = optimizer(theirs)
+    curves["PEFT"] = [step(theirs, opt, torch.stack([data[i]["input_ids"] for i in rows])) for rows in order.tolist()]
+    return curves
 
 
 def _peak_rss_mb() -> float:
@@ -113,15 +188,21 @@ def _peak_rss_mb() -> float:
 
 
 def _peak_rss_child(kind: str, size: str) -> dict:
-    """Run in a fresh process: peak RSS after building the model (and its adapters), then after 2 steps."""
+    """Run in a fresh process: peak RSS after building the model (and its adapters), then after 2 steps
+    (loralab: its own train(); PEFT and full fine-tuning: the standard loop)."""
     torch.set_num_threads(2)
     make = reference_model if size == "reference" else large_model
     model = build(kind, make=make) if kind != "model only" else make()
     built = _peak_rss_mb()
-    if kind != "model only":
+    rows = BATCH if size == "reference" else 2
+    if kind == "loralab":
+        from loralab.trainer import train
+        train(model, as_data(torch.cat([batch(s)[:rows] for s in range(2)])),
+              config=dataclasses.replace(train_config(steps=2), batch_size=rows))
+    elif kind != "model only":
         opt = optimizer(model)
         for s in range(2):
-            step(model, opt, batch(s) if size == "reference" else batch(s)[:2])
+            peft_step(model, opt, batch(s)[:rows])
     return {"built_mb": built, "peak_mb": _peak_rss_mb(),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "params": sum(p.numel() for p in model.parameters())}
@@ -142,32 +223,49 @@ def _memory_table(mem: dict) -> str:
         f"| {k} | {m['trainable']:,} | {m['peak_mb']:,.0f} | {m['peak_mb'] - idle:+,.0f} |" for k, m in mem.items())
 
 
+def _ratio(mem: dict, a: str, b: str) -> tuple[float, float]:
+    """(peak RSS a / b, training increment over 'model only' a / b)."""
+    idle = mem["model only"]["peak_mb"]
+    return mem[a]["peak_mb"] / mem[b]["peak_mb"], (mem[a]["peak_mb"] - idle) / (mem[b]["peak_mb"] - idle)
+
+
 def main() -> str:
     torch.set_num_threads(2)
+    load = os.getloadavg()[0]
     med = time_steps()
-    ours_curve, peft_curve = loss_curves()
+    curves = loss_curves()
     mem = peak_memory("reference")
     large = peak_memory("large", ("model only", "loralab", "full fine-tuning"))
-    gap = max(abs(a - b) for a, b in zip(ours_curve, peft_curve))
-    peft_t = med["PEFT"]
-    rows = "\n".join(f"| {k} | {t:.3f} | {t / peft_t:.2f}x |" for k, t in med.items())
+    gap = max(abs(a - b) for a, b in zip(curves["loralab"], curves["PEFT"]))
+    gap16 = max(abs(a - b) for a, b in zip(curves["loralab, bf16 autocast"], curves["loralab"]))
+    ours, peft_t, floor = med[VARIANTS[0]], med[VARIANTS[1]], med[VARIANTS[2]]
+    ours16, peft16 = med[VARIANTS[3]], med[VARIANTS[4]]
+    peers = {VARIANTS[0]: peft_t, VARIANTS[1]: peft_t, VARIANTS[2]: peft_t, VARIANTS[3]: peft16, VARIANTS[4]: peft16}
+    rows = "\n".join(f"| {k} | {t:.3f} | {t / peers[k]:.2f}x | {t / floor:.2f}x |" for k, t in med.items())
+    total, extra = _ratio(mem, "loralab", "PEFT")
     return (
-        "## Training step (reference Llama, batch 8x128, fp32, LoRA r=16 alpha=32 dropout 0.05, all 7 projections)\n\n"
-        "Forward with labels + backward + AdamW step, identical code for every variant; median of round-robin "
-        "rounds.\n\n"
-        "| variant | s/step | vs PEFT |\n| --- | ---: | ---: |\n" + rows +
-        f"\n\nloralab / PEFT step time: **{med['loralab'] / peft_t:.2f}x** (target <= 0.80x). "
-        "The difference is mostly dropout: loralab draws its Bernoulli keep-mask as 16-bit integers, four per "
-        "64-bit random word (`keep_mask` in loralab/functional.py), and folds the 1/(1-p) rescale into the "
-        "rank-r product, where PEFT's `nn.Dropout` draws one float per element and rescales the full-width "
-        "input.\n\n"
-        f"Loss curve, dropout 0, identical starting adapters, {len(ours_curve)} AdamW steps (lr 1e-3): "
-        f"max |loralab - PEFT| = {gap:.1e} (target <= 1e-4); losses "
-        f"{', '.join(f'{v:.4f}' for v in ours_curve)}.\n\n"
+        "## Training step (reference Llama, batch 8x128, LoRA r=16 alpha=32 dropout 0.05, all 7 projections)\n\n"
+        "loralab: one optimizer step of its own `train()` (the causal-LM loss from the last hidden state in chunks "
+        "over the target tokens, loralab/loss.py: the 8x128x32000 logits and their gradient never exist; dropout "
+        "masks drawn as 16-bit integers). PEFT: the standard `model(input_ids, labels=ids).loss` + backward + "
+        "AdamW loop. The floor: the frozen base with no adapters, forward + backward through every frozen layer "
+        "(the matmuls any LoRA step must do). Median of round-robin rounds (one step each per round); "
+        f"load average {load:.1f} when the run started.\n\n"
+        "| variant | s/step | vs PEFT (same precision) | vs floor |\n| --- | ---: | ---: | ---: |\n" + rows +
+        f"\n\nloralab / PEFT step time, fp32: **{ours / peft_t:.2f}x** (target <= 0.60x); under bf16 autocast: "
+        f"**{ours16 / peft16:.2f}x** (target <= 0.80x). loralab's step is {ours / floor:.2f}x the floor "
+        f"(fp32).\n\n"
+        f"Loss, dropout 0, identical starting adapters, {len(curves['PEFT'])} AdamW steps (lr 1e-3) on the same "
+        f"batches: max |loralab - PEFT| = {gap:.1e} (target <= 1e-4); loralab {', '.join(f'{v:.4f}' for v in curves['loralab'])}; "
+        f"PEFT {', '.join(f'{v:.4f}' for v in curves['PEFT'])}. bf16 autocast vs fp32 (loralab): max gap "
+        f"{gap16:.1e}.\n\n"
         "Peak resident memory (VmHWM), each variant in a fresh process running 2 training steps; "
         "'model only' builds the model and stops (about 350 MB of it is the Python/torch runtime).\n\n"
-        "Reference model, batch 8x128 (activations dominate: the 8x128x32000 logits alone are 125 MB):\n\n"
-        + _memory_table(mem) + "\n\nA larger model where the weights dominate (hidden 1024, intermediate 2816, "
+        "Reference model, batch 8x128 (activations dominate):\n\n"
+        + _memory_table(mem) +
+        f"\n\nloralab / PEFT peak memory: **{total:.2f}x** of the whole process (target <= 0.6x), "
+        f"**{extra:.2f}x** of what training adds over the model alone.\n\n"
+        "A larger model where the weights dominate (hidden 1024, intermediate 2816, "
         "12 layers, 16 heads, vocab 32000: "
         f"{large['full fine-tuning']['params'] / 1e6:.0f} M parameters; LoRA as above; batch 2x128):\n\n"
         + _memory_table(large) + "\n\nFull fine-tuning keeps a gradient and two AdamW moments for every "
