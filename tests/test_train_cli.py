@@ -176,7 +176,8 @@ def test_merge_difference_is_the_real_output_gap_and_leaves_the_model_unmerged(d
 
 
 def test_run_json_is_replaced_atomically(tmp_path, monkeypatch):
-    """A write that fails half-way leaves the previous run.json whole (and no temporary file)."""
+    """A write that fails half-way leaves the previous run.json whole (and no temporary file); the earlier
+    run in --out is continued (--resume), since without --resume or --overwrite it is refused."""
     model_dir, data_dir = tiny_classifier_dir(tmp_path / "model"), write_travel_files(tmp_path / "data", 8, 4)
     out = tmp_path / "out"
     out.mkdir()
@@ -193,7 +194,7 @@ def test_run_json_is_replaced_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         main(["train", "--model", str(model_dir), "--data", str(data_dir / "train.jsonl"), "--eval-data",
               str(data_dir / "eval.jsonl"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--r", "2",
-              "--target-modules", "query", "--skip-head-only", "--no-progress"])
+              "--target-modules", "query", "--skip-head-only", "--no-progress", "--resume"])
     assert json.loads((out / "run.json").read_text()) == {"previous": True}
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
