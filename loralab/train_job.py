@@ -362,7 +362,8 @@ def _final_adapter(job: TrainJob, model: nn.Module, history, out: Path, say):
     if best.step is None:
         say(f"no evaluation gave a finite {job.best_metric}: the adapter written is the last one")
         return best, "last", False
-    say(f"best held-out {job.best_metric} {best.value:.4f} at step {best.step} ({len(history.evals)} evaluations)")
+    n = len(history.evals)
+    say(f"best held-out {job.best_metric} {best.value:.4f} at step {best.step} ({n} evaluation{'s' * (n != 1)})")
     if job.final == "best" and best.step != last:
         kept = restore_best(out / BEST_DIR, model)
         if kept["step"] != best.step:
