@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed as dd
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
 from .run_log import (BEST_DIR, CURVES_NAME, LOG_NAME, METRICS, RunRecorder, best_so_far, check_metric,
@@ -264,7 +265,10 @@ def run_train_job(job: TrainJob, say=print) -> dict:
     t0 = time.perf_counter()
     task, out = job.task, job.out
     model_dir = job.model or bundled_model_dir()
-    removed = prepare_out(out, job.resume, job.overwrite)  # before anything is loaded: an earlier run is refused
+    dd.setup()  # under torchrun every process runs the job; only rank 0 writes files
+    main = dd.is_main()
+    removed = prepare_out(out, job.resume, job.overwrite) if main else []  # an earlier run is refused first
+    dd.barrier()
     say(f"model: {model_dir}\ndata:  {job.data} (task {task})")
     if removed:
         say(f"--overwrite: removed the earlier run in {out} ({', '.join(removed)})")
@@ -310,12 +314,13 @@ def run_train_job(job: TrainJob, say=print) -> dict:
 
     adapter_dir = out / "adapter"
     final_step = best.step if final == "best" else history.evals[-1]["step"]
-    save_trained_adapter(model, adapter_dir, task=task, tokenizer=tokenizer, labels=labels, base_model=str(model_dir),
-                         extra={"max_length": max_len, "step": final_step, "final": final,
-                                "metric_for_best": job.best_metric, "best_metric": best.value},
-                         modules_to_save=heads, task_type=TASK_TYPES[task])
-    note = plot_curves(read_log(out / LOG_NAME), out / CURVES_NAME, job.best_metric) \
-        if (out / LOG_NAME).is_file() else "no log.jsonl: no curves"
+    note = None
+    if main:
+        save_trained_adapter(model, adapter_dir, task=task, tokenizer=tokenizer, labels=labels,
+                             base_model=str(model_dir), modules_to_save=heads, task_type=TASK_TYPES[task],
+                             extra={"max_length": max_len, "step": final_step, "final": final,
+                                    "metric_for_best": job.best_metric, "best_metric": best.value})
+        note = plot_curves(read_log(out / LOG_NAME), out / CURVES_NAME, job.best_metric)
     merge_diff = merge_difference(model, eval_data)
     say(f"\nmerged vs unmerged model, max |logit difference| on held-out examples: {merge_diff:.2e}")
     result = {
@@ -335,7 +340,8 @@ def run_train_job(job: TrainJob, say=print) -> dict:
         "seconds": time.perf_counter() - t0,
     }
     text = json.dumps({**result, "job": job_record(job), "history": history.to_dict()}, indent=1) + "\n"
-    atomic_write_text(out / "run.json", text)
+    if main:
+        atomic_write_text(out / "run.json", text)
     say(f"\nwrote\n  adapter (PEFT format)   {adapter_dir}/  (+ tokenizer, labels in {adapter_dir.name}/loralab.json)"
         f"\n  results and history     {out / 'run.json'}\n  per-step log            {out / LOG_NAME}"
         + (f"\n  curves                  {out / CURVES_NAME}" if not note else f"\n  {note}")
@@ -365,6 +371,7 @@ def _final_adapter(job: TrainJob, model: nn.Module, history, out: Path, say):
     n = len(history.evals)
     say(f"best held-out {job.best_metric} {best.value:.4f} at step {best.step} ({n} evaluation{'s' * (n != 1)})")
     if job.final == "best" and best.step != last:
+        dd.barrier()  # rank 0 wrote the best state
         kept = restore_best(out / BEST_DIR, model)
         if kept["step"] != best.step:
             raise RuntimeError(f"{out / BEST_DIR} holds step {kept['step']}, not the best step {best.step}; "

@@ -261,5 +261,17 @@ def test_the_bundled_job_end_to_end(tmp_path):
     assert result["factors_before"]["B_max_abs"] == 0.0 and result["merge_max_abs_diff"] < 1e-3
     assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
     for text in ("trainable params:", "B starts at exactly zero", "held-out before training",
-                 "held-out after training", "head only", "merged vs unmerged", "wrote"):
+                 "held-out after training", "head only", "merged vs unmerged", "wrote", "best held-out accuracy"):
         assert text in proc.stderr, text
+    # the run's record, and the adapter directory used on its own by `loralab eval`
+    assert (result["final"], result["best_step"], result["evaluations"]) == ("best", 80, 1)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 81 and log[-1]["kind"] == "eval" and log[-1]["accuracy"] == result["accuracy_after"]
+    assert (tmp_path / "run" / "curves.png").is_file()
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli", "eval", "--json", "--adapter", result["adapter_dir"],
+                           "--data", str(BUNDLED_EVAL)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads(proc.stdout)
+    assert evaluated["accuracy"] == result["accuracy_after"] and evaluated["examples"] == 124
+    assert abs(evaluated["loss"] - result["loss_after"]) < 1e-5

@@ -177,3 +177,18 @@ def test_an_earlier_run_in_out_is_refused_kept_resumed_or_replaced(tmp_path):
     assert prepare_out(out, overwrite=True) == ["adapter", "run.json"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]     # only the run's own files go
     assert prepare_out(tmp_path / "new") == [] and prepare_out(out) == []
+
+
+def test_train_refuses_an_earlier_run_before_loading_anything(tmp_path, capsys):
+    from loralab.cli import main
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "log.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    argv = ["train", "--json", "--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "none.jsonl"),
+            "--out", str(out)]
+    assert main(argv) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert "holds an earlier run (checkpoints, log.jsonl)" in error and "--overwrite" in error
+    assert (out / "log.jsonl").read_text() == '{"kind": "step", "step": 1}\n'          # nothing deleted
+    assert main([*argv, "--overwrite"]) == 2                                           # removed, then no data
+    assert "none.jsonl" in json.loads(capsys.readouterr().out)["error"] and not (out / "log.jsonl").exists()
