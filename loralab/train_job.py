@@ -369,7 +369,8 @@ def _final_adapter(job: TrainJob, model: nn.Module, history, out: Path, say):
         say(f"no evaluation gave a finite {job.best_metric}: the adapter written is the last one")
         return best, "last", False
     n = len(history.evals)
-    say(f"best held-out {job.best_metric} {best.value:.4f} at step {best.step} ({n} evaluation{'s' * (n != 1)})")
+    say(("" if history.stopped_early else "\n") + f"best held-out {job.best_metric} {best.value:.4f} at step "
+        f"{best.step} ({n} evaluation{'s' * (n != 1)})")
     if job.final == "best" and best.step != last:
         dd.barrier()  # rank 0 wrote the best state
         kept = restore_best(out / BEST_DIR, model)
@@ -378,7 +379,7 @@ def _final_adapter(job: TrainJob, model: nn.Module, history, out: Path, say):
                                f"re-run with --overwrite")
         say(f"the adapter written is the best one, step {best.step} (--final last would write step {last})")
         return best, "best", True
-        say(f"the adapter written is the {job.final} one, step {best.step if job.final == 'best' else last}")
+    say(f"the adapter written is the {job.final} one, step {best.step if job.final == 'best' else last}")
     return best, job.final, False
 
 

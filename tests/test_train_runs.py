@@ -192,3 +192,34 @@ def test_train_refuses_an_earlier_run_before_loading_anything(tmp_path, capsys):
     assert (out / "log.jsonl").read_text() == '{"kind": "step", "step": 1}\n'          # nothing deleted
     assert main([*argv, "--overwrite"]) == 2                                           # removed, then no data
     assert "none.jsonl" in json.loads(capsys.readouterr().out)["error"] and not (out / "log.jsonl").exists()
+
+
+@pytest.fixture
+def one_thread():
+    """A tiny model on a busy machine: a second intra-op thread only adds waiting."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_final_last_writes_the_last_state_and_says_so(tmp_path, capsys, one_thread):
+    from loralab.cli import main
+    from loralab.predict import evaluate_file
+    from test_train_cli import tiny_classifier_dir, write_travel_files
+    model_dir, data = tiny_classifier_dir(tmp_path / "model"), write_travel_files(tmp_path / "data", 48, 16)
+    code = main(["train", "--json", "--model", str(model_dir), "--data", str(data / "train.jsonl"), "--eval-data",
+                 str(data / "eval.jsonl"), "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "8",
+                 "--lr", "3e-2", "--r", "4", "--target-modules", "query,value", "--skip-head-only", "--no-progress",
+                 "--eval-every", "2", "--metric-for-best", "loss", "--final", "last"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    history = json.loads((tmp_path / "out" / "run.json").read_text())["history"]
+    assert result["best_step"] < 6 and (result["final"], result["final_step"]) == ("last", 6)   # best != last
+    assert "the adapter written is the last one, step 6" in captured.err
+    assert not (tmp_path / "out" / BEST_DIR).exists()                 # --final last keeps no best state
+    assert result["loss_after"] == history["evals"][-1]["loss"]
+    assert json.loads((tmp_path / "out" / "adapter" / "loralab.json").read_text())["step"] == 6
+    metrics = evaluate_file(result["adapter_dir"], data / "eval.jsonl", progress=False, say=lambda *a: None)
+    assert metrics["loss"] == pytest.approx(history["evals"][-1]["loss"], abs=1e-6)
