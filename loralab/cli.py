@@ -130,6 +130,38 @@ def _train_run(args, say) -> dict:
     return run_from_args(args, say)
 
 
+def _use_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter", required=True, metavar="ADAPTER_DIR",
+                   help="adapter directory written by `loralab train` (<out>/adapter)")
+    p.add_argument("--data", required=True, metavar="FILE", help=".jsonl or .csv records, as for training")
+    p.add_argument("--model", metavar="MODEL_DIR", default=None,
+                   help="local base model directory (default: the one the adapter was trained on)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="examples per batch (default 32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    _use_args(p)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="causal-lm: tokens to generate per prompt at most (default 32)")
+    p.add_argument("--temperature", type=nonnegative_float, default=0.0,
+                   help="causal-lm: 0 = greedy (default), > 0 samples from softmax(logits / temperature)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="causal-lm: seed of the sampling (default 0)")
+
+
+def _predict_run(args, say) -> dict:
+    from .predict import predict_file
+    return predict_file(args.adapter, args.data, args.model, batch_size=args.batch_size,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                        progress=not args.no_progress, say=say)
+
+
+def _eval_run(args, say) -> dict:
+    from .predict import evaluate_file
+    return evaluate_file(args.adapter, args.data, args.model, batch_size=args.batch_size,
+                         progress=not args.no_progress, say=say)
+
+
 def _inspect_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("adapter", metavar="ADAPTER_DIR", help="adapter directory (loralab or PEFT format)")
     p.add_argument("--base", metavar="MODEL_DIR", default=None,
@@ -230,6 +262,10 @@ COMMANDS = {
     # name: (help, add_arguments, run)
     "train": ("fine-tune a local model with LoRA (no arguments: the bundled MiniLM text-classification job)",
               _train_args, _train_run),
+    "predict": ("a trained adapter's predictions for a data file: labels and probabilities, or completions",
+                _predict_args, _predict_run),
+    "eval": ("a trained adapter's held-out metrics on a data file: loss, accuracy / perplexity", _use_args,
+             _eval_run),
     "demo": ("a one-minute tour of the core: attach, count, train, merge, verify", _demo_args, _demo_run),
     "merge": ("merge an adapter into a local transformers model and save the merged model", _merge_args,
               _merge_run),

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -29,12 +28,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import distributed as dd
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
+from .run_log import (BEST_DIR, CURVES_NAME, LOG_NAME, METRICS, RunRecorder, best_so_far, check_metric,
+                      default_metric, plot_curves, prepare_out, read_log, restore_best)
 from .cli_args import finite_float, fraction, nonnegative_int, positive_float, positive_int, target_list
 from .config import LoraConfig
 from .dataset import TASKS, check_records, label_names, read_records, split_records, tokenize
-from .save import save_adapter
+from .trained_adapter import save_trained_adapter
 from .hf import HEAD_NAMES, TASK_TYPES, load_local_model
 from .inject import add_lora, lora_layers, trainable_report
 from .merging import merge, unmerge
@@ -96,8 +98,20 @@ class TrainJob:
                                                                       "save memory")
     seed: int = _option(_T.seed, "random seed", nonnegative_int)
     save_every: int | None = _option(50, "checkpoint every N steps, and at the end", positive_int, optional=True)
-    out: Path = _option(Path("runs/train"), "output directory: adapter/, checkpoints/, run.json", Path)
+    out: Path = _option(Path("runs/train"), "output directory: adapter/, checkpoints/, run.json, log.jsonl, "
+                                            "curves.png", Path)
     resume: bool = _option(_T.resume, "continue from the newest checkpoint in --out")
+    overwrite: bool = _option(False, "replace the earlier run in --out (without it, an earlier run is refused)")
+    # evaluation during training: the best evaluation, early stopping, which adapter is written
+    eval_every: int | None = _option(_T.eval_every, "evaluate on the held-out set every N optimizer steps "
+                                                    "(default: only at the end)", positive_int)
+    metric_for_best: str | None = _option(None, "the metric that picks the best evaluation: loss (lower is "
+                                                "better) or accuracy (higher) (default: accuracy for classify, "
+                                                "loss for causal-lm)", str, choices=tuple(METRICS))
+    early_stopping_patience: int | None = _option(None, "stop after K evaluations in a row without a new best "
+                                                        "(needs --eval-every)", positive_int)
+    final: str = _option("best", "the adapter written: best (the best evaluation's state) or last",
+                         str, choices=("best", "last"))
     head_only_lr: float = _option(1e-2, "lr of the head-only comparison run", positive_float)
     skip_head_only: bool = _option(False, "skip the head-only comparison run")
     no_progress: bool = _option(not _T.progress, "no progress bar")
@@ -109,6 +123,17 @@ class TrainJob:
                 continue
             object.__setattr__(self, f.name, _normalised(f, value))
         train_config(self)  # the training-loop fields, checked by TrainConfig
+        check_metric(self.best_metric, self.task)
+        if self.early_stopping_patience is not None and self.eval_every is None:
+            raise ValueError("early_stopping_patience needs eval_every (--eval-every N): the evaluations it "
+                             "counts")
+        if self.resume and self.overwrite:
+            raise ValueError("resume continues the run in --out and overwrite replaces it; pass one of them")
+
+    @property
+    def best_metric(self) -> str:
+        """metric_for_best, or the task's default (accuracy for classify, loss for causal-lm)."""
+        return self.metric_for_best or default_metric(self.task)
 
 
 def _normalised(f, value):
@@ -135,7 +160,7 @@ def _normalised(f, value):
 def train_config(job: TrainJob) -> TrainConfig:
     """The training loop's settings of a job (checkpoints under job.out)."""
     same = ("task", "epochs", "max_steps", "batch_size", "grad_accum", "lr", "warmup_ratio", "schedule",
-            "loraplus_lr_ratio", "bf16", "gradient_checkpointing", "seed", "save_every", "resume")
+            "loraplus_lr_ratio", "bf16", "gradient_checkpointing", "seed", "save_every", "resume", "eval_every")
     return TrainConfig(**{name: getattr(job, name) for name in same}, out_dir=str(job.out),
                        progress=not job.no_progress)
 
@@ -210,7 +235,8 @@ def _head_only(model_dir: Path, job: TrainJob, labels, train_data, eval_data) ->
     heads = _head_names(model)
     for name, p in model.named_parameters():
         p.requires_grad = name.split(".")[0] in heads
-    config = replace(train_config(job), lr=job.head_only_lr, out_dir=None, save_every=None, resume=False)
+    config = replace(train_config(job), lr=job.head_only_lr, out_dir=None, save_every=None, resume=False,
+                     eval_every=None)
     history = train(model, train_data, eval_data, config)
     return {"accuracy": history.evals[-1]["accuracy"], "loss": history.evals[-1]["loss"],
             "trainable_params": trainable_report(model).trainable, "lr": job.head_only_lr}
@@ -239,7 +265,13 @@ def run_train_job(job: TrainJob, say=print) -> dict:
     t0 = time.perf_counter()
     task, out = job.task, job.out
     model_dir = job.model or bundled_model_dir()
+    dd.setup()  # under torchrun every process runs the job; only rank 0 writes files
+    main = dd.is_main()
+    removed = prepare_out(out, job.resume, job.overwrite) if main else []  # an earlier run is refused first
+    dd.barrier()
     say(f"model: {model_dir}\ndata:  {job.data} (task {task})")
+    if removed:
+        say(f"--overwrite: removed the earlier run in {out} ({', '.join(removed)})")
     train_records, eval_records, eval_source = _load_data(job, say)
     seed_everything(job.seed)
     labels = label_names(train_records) if task == "classify" else None
@@ -263,9 +295,11 @@ def run_train_job(job: TrainJob, say=print) -> dict:
     say(f"\nadapter factors ({stats_before['layers']} layers; B starts at exactly zero, so ΔW = 0)")
     say(_stats_line("before training", stats_before))
     say(f"\nheld-out before training: {_metric_text(before)}")
-    _prepare_checkpoints(out / "checkpoints", job.resume, say)
-    history = train(model, train_data, eval_data, tconfig)
-    after = history.evals[-1]
+    _say_resume(out / "checkpoints", job.resume, say)
+    recorder = RunRecorder(out, job.best_metric, job.early_stopping_patience, keep_best=job.final == "best")
+    history = train(model, train_data, eval_data, tconfig, on_step=recorder.on_step, on_eval=recorder.on_eval)
+    best, final, restored = _final_adapter(job, model, history, out, say)
+    after = evaluate(model, eval_data, tconfig) if restored else history.evals[-1]  # the adapter written
     stats_after = factor_stats(model)
     say("\nadapter factors")
     say(_stats_line("after training", stats_after))
@@ -279,8 +313,14 @@ def run_train_job(job: TrainJob, say=print) -> dict:
             f"({head_only['trainable_params']:,} trainable params)")
 
     adapter_dir = out / "adapter"
-    save_adapter(model, adapter_dir, modules_to_save=heads, base_model_name_or_path=str(model_dir),
-                 task_type=TASK_TYPES[task])
+    final_step = best.step if final == "best" else history.evals[-1]["step"]
+    note = None
+    if main:
+        save_trained_adapter(model, adapter_dir, task=task, tokenizer=tokenizer, labels=labels,
+                             base_model=str(model_dir), modules_to_save=heads, task_type=TASK_TYPES[task],
+                             extra={"max_length": max_len, "step": final_step, "final": final,
+                                    "metric_for_best": job.best_metric, "best_metric": best.value})
+        note = plot_curves(read_log(out / LOG_NAME), out / CURVES_NAME, job.best_metric)
     merge_diff = merge_difference(model, eval_data)
     say(f"\nmerged vs unmerged model, max |logit difference| on held-out examples: {merge_diff:.2e}")
     result = {
@@ -293,26 +333,54 @@ def run_train_job(job: TrainJob, say=print) -> dict:
         "factors_before": stats_before, "factors_after": stats_after, "merge_max_abs_diff": merge_diff,
         "steps": history.total_steps, "resumed_from": history.resumed_from,
         "adapter_dir": str(adapter_dir), "run_file": str(out / "run.json"),
-        "checkpoint": history.checkpoint, "seconds": time.perf_counter() - t0,
+        "checkpoint": history.checkpoint, "eval_every": job.eval_every, "metric_for_best": job.best_metric,
+        "best_step": best.step, "best_metric": best.value, "final": final, "final_step": final_step,
+        "stopped_early": history.stopped_early, "evaluations": len(history.evals),
+        "log_file": str(out / LOG_NAME), "curves_file": None if note else str(out / CURVES_NAME),
+        "seconds": time.perf_counter() - t0,
     }
     text = json.dumps({**result, "job": job_record(job), "history": history.to_dict()}, indent=1) + "\n"
-    atomic_write_text(out / "run.json", text)
-    say(f"\nwrote\n  adapter (PEFT format)   {adapter_dir}/\n  results and history     {out / 'run.json'}"
+    if main:
+        atomic_write_text(out / "run.json", text)
+    say(f"\nwrote\n  adapter (PEFT format)   {adapter_dir}/  (+ tokenizer, labels in {adapter_dir.name}/loralab.json)"
+        f"\n  results and history     {out / 'run.json'}\n  per-step log            {out / LOG_NAME}"
+        + (f"\n  curves                  {out / CURVES_NAME}" if not note else f"\n  {note}")
         + (f"\n  last checkpoint         {history.checkpoint}/" if history.checkpoint else ""))
     say(f"done in {result['seconds']:.0f} s")
     return result
 
 
-def _prepare_checkpoints(root: Path, resume: bool, say) -> None:
-    """--resume: say where training continues from.  A fresh run clears checkpoints a previous run left in
-    the same --out, so that a later --resume can only pick up this run's."""
-    found = latest_checkpoint(root) if root.is_dir() else None
+def _say_resume(root: Path, resume: bool, say) -> None:
     if resume:
+        found = latest_checkpoint(root) if root.is_dir() else None
         say(f"resuming from {found}" if found else f"--resume: no checkpoint under {root}; starting from the "
                                                    f"beginning")
-    elif found is not None:
-        shutil.rmtree(root)
-        say(f"removed the checkpoints of a previous run in {root} (pass --resume to continue a run instead)")
+
+
+def _final_adapter(job: TrainJob, model: nn.Module, history, out: Path, say):
+    """(the best evaluation, "best" | "last", restored?): with --final best, the model gets the kept best
+    state back when the best evaluation was not the last one."""
+    best = best_so_far(history.evals, job.best_metric, job.early_stopping_patience)
+    last = history.evals[-1]["step"]
+    if history.stopped_early:
+        say(f"\nstopped early at step {last} of {history.total_steps}: no better held-out {job.best_metric} in "
+            f"{job.early_stopping_patience} evaluations")
+    if best.step is None:
+        say(f"no evaluation gave a finite {job.best_metric}: the adapter written is the last one")
+        return best, "last", False
+    n = len(history.evals)
+    say(("" if history.stopped_early else "\n") + f"best held-out {job.best_metric} {best.value:.4f} at step "
+        f"{best.step} ({n} evaluation{'s' * (n != 1)})")
+    if job.final == "best" and best.step != last:
+        dd.barrier()  # rank 0 wrote the best state
+        kept = restore_best(out / BEST_DIR, model)
+        if kept["step"] != best.step:
+            raise RuntimeError(f"{out / BEST_DIR} holds step {kept['step']}, not the best step {best.step}; "
+                               f"re-run with --overwrite")
+        say(f"the adapter written is the best one, step {best.step} (--final last would write step {last})")
+        return best, "best", True
+    say(f"the adapter written is the {job.final} one, step {best.step if job.final == 'best' else last}")
+    return best, job.final, False
 
 
 def _metric_text(m: dict) -> str:

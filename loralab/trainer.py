@@ -100,12 +100,13 @@ def _check_int(name: str, value, hint: str) -> None:
 
 @dataclass
 class History:
-    """Per-step training records and evaluation results; `stopped` says why training ended early."""
-    steps: list = field(default_factory=list)     # {"step", "epoch", "loss", "lr", "grad_norm", "examples_per_s"}
+    """Per-step training records and evaluation results; `stopped_early` says training ended early."""
+    steps: list = field(default_factory=list)     # {"step", "epoch", "loss", "lr", "grad_norm", ".._per_s"}
     evals: list = field(default_factory=list)     # {"step", "loss", "accuracy" (classify)}
     resumed_from: int | None = None
     checkpoint: str | None = None                 # the newest checkpoint written
     total_steps: int = 0
+    stopped_early: bool = False                   # on_eval asked to stop (early stopping)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -221,10 +222,13 @@ def _micro_batches(data: TokenizedData, order: torch.Tensor, position: int, conf
     return [data.collate(p.tolist()) for p in mine], len(chunk)
 
 
-def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | None = None) -> History:
+def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | None = None, *,
+          on_step=None, on_eval=None) -> History:
     """Train the parameters of `model` that require grad (call add_lora first) and return the History.
 
     train_data / eval_data: a TokenizedData (see dataset.tokenize) or a list of example dicts.
+    Hooks (e.g. run_log.RunRecorder): on_step(record, history) after each step; on_eval(record, model,
+    history) after each evaluation, returning True to stop training there (history.stopped_early).
     Runs data-parallel when started by torchrun (see distributed.py); only rank 0 writes files.
     Raises RuntimeError if the loss becomes NaN/Inf (the update is not applied; earlier checkpoints stay)."""
     config = config or TrainConfig()
@@ -254,7 +258,7 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     bar = _progress(config, total, start)
     model.train()
     order, order_epoch = None, None
-    for step in range(start, total):
+    for step in range(start, start if history.stopped_early else total):  # a resumed run that had stopped
         # data order: one seeded permutation per epoch, drawn when the epoch starts (or training resumes)
         epoch, position = divmod(step, steps_per_epoch)
         if epoch != order_epoch:
@@ -271,7 +275,9 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
         started = time.perf_counter()
         batches, n_examples = _micro_batches(data, order, position, config, rank, world)
         targets = sum(_targets(b["labels"], config.task) for b in batches)
-        count = dd.all_reduce_sum(torch.tensor(float(targets), device=device))
+        tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                     for b in batches if "input_ids" in b)
+        count, tokens = dd.all_reduce_sum(torch.tensor([float(targets), float(tokens)], device=device)).unbind()
         loss_total = torch.zeros((), dtype=_sum_dtype(device), device=device)
         for i, batch in enumerate(batches):
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -295,23 +301,35 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
 
         # log, evaluate, checkpoint
         seconds = time.perf_counter() - started
-        record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr,
-                  "grad_norm": grad_norm, "examples_per_s": n_examples / seconds}
+        record = {"step": step + 1, "epoch": epoch, "loss": loss_value, "lr": lr, "grad_norm": grad_norm,
+                  "examples_per_s": n_examples / seconds, "tokens_per_s": float(tokens) / seconds or None}
         history.steps.append(record)
+        if on_step is not None:
+            on_step(record, history)
         if bar is not None:
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", ex_s=f"{n_examples / seconds:.0f}")
             bar.update(1)
         last = step + 1 == total
         if evals is not None and ((config.eval_every and (step + 1) % config.eval_every == 0) or last):
-            history.evals.append({"step": step + 1, **evaluate(model, evals, config)})
+            history.stopped_early = _evaluate(model, evals, config, step + 1, history, on_eval) and not last
             model.train()
-        if ckpt_root is not None and config.save_every and ((step + 1) % config.save_every == 0 or last):
+        if ckpt_root is not None and config.save_every and ((step + 1) % config.save_every == 0 or last
+                                                            or history.stopped_early):
             _checkpoint(ckpt_root, model, optimizer, step + 1, config, history)
+        if history.stopped_early:
+            break
     _close(bar)
-    if evals is not None and (not history.evals or history.evals[-1]["step"] != total):
-        history.evals.append({"step": total, **evaluate(model, evals, config)})  # resumed after the end
+    if evals is not None and not history.stopped_early and \
+            (not history.evals or history.evals[-1]["step"] != total):  # resumed after the end
+        _evaluate(model, evals, config, total, history, on_eval)
     model.eval()
     return history
+
+
+def _evaluate(model, evals, config: TrainConfig, step: int, history: History, on_eval) -> bool:
+    """Evaluate at `step` into history.evals; whether on_eval asks to stop."""
+    history.evals.append({"step": step, **evaluate(model, evals, config)})
+    return bool(on_eval(history.evals[-1], model, history)) if on_eval is not None else False
 
 
 def _clip(params, max_norm: float | None) -> float:
@@ -344,7 +362,8 @@ def _nan_message(loss: float, grad_norm: float, step: int, lr: float, history: H
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, config: TrainConfig | None = None, batch_size: int | None = None) -> dict:
-    """{"loss": mean cross-entropy per target, "accuracy": (classify) share of argmax == label}."""
+    """{"loss": mean cross-entropy per target, "accuracy": (classify) share of argmax == label,
+    "perplexity": (causal-lm) exp(loss)}."""
     config = config or TrainConfig()
     data = _as_data(data)
     was_training = model.training
@@ -366,6 +385,8 @@ def evaluate(model: nn.Module, data, config: TrainConfig | None = None, batch_si
     out = {"loss": loss / max(count, 1)}
     if config.task == "classify":
         out["accuracy"] = correct / max(count, 1)
+    else:
+        out["perplexity"] = math.exp(min(out["loss"], 700.0))  # exp(mean cross-entropy per target token)
     return out
 
 

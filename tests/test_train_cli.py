@@ -176,7 +176,8 @@ def test_merge_difference_is_the_real_output_gap_and_leaves_the_model_unmerged(d
 
 
 def test_run_json_is_replaced_atomically(tmp_path, monkeypatch):
-    """A write that fails half-way leaves the previous run.json whole (and no temporary file)."""
+    """A write that fails half-way leaves the previous run.json whole (and no temporary file); the earlier
+    run in --out is continued (--resume), since without --resume or --overwrite it is refused."""
     model_dir, data_dir = tiny_classifier_dir(tmp_path / "model"), write_travel_files(tmp_path / "data", 8, 4)
     out = tmp_path / "out"
     out.mkdir()
@@ -193,7 +194,7 @@ def test_run_json_is_replaced_atomically(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         main(["train", "--model", str(model_dir), "--data", str(data_dir / "train.jsonl"), "--eval-data",
               str(data_dir / "eval.jsonl"), "--out", str(out), "--epochs", "1", "--batch-size", "4", "--r", "2",
-              "--target-modules", "query", "--skip-head-only", "--no-progress"])
+              "--target-modules", "query", "--skip-head-only", "--no-progress", "--resume"])
     assert json.loads((out / "run.json").read_text()) == {"previous": True}
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
@@ -260,5 +261,17 @@ def test_the_bundled_job_end_to_end(tmp_path):
     assert result["factors_before"]["B_max_abs"] == 0.0 and result["merge_max_abs_diff"] < 1e-3
     assert (Path(result["adapter_dir"]) / "adapter_model.safetensors").is_file()
     for text in ("trainable params:", "B starts at exactly zero", "held-out before training",
-                 "held-out after training", "head only", "merged vs unmerged", "wrote"):
+                 "held-out after training", "head only", "merged vs unmerged", "wrote", "best held-out accuracy"):
         assert text in proc.stderr, text
+    # the run's record, and the adapter directory used on its own by `loralab eval`
+    assert (result["final"], result["best_step"], result["evaluations"]) == ("best", 80, 1)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 81 and log[-1]["kind"] == "eval" and log[-1]["accuracy"] == result["accuracy_after"]
+    assert (tmp_path / "run" / "curves.png").is_file()
+    proc = subprocess.run([sys.executable, "-m", "loralab.cli", "eval", "--json", "--adapter", result["adapter_dir"],
+                           "--data", str(BUNDLED_EVAL)], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    evaluated = json.loads(proc.stdout)
+    assert evaluated["accuracy"] == result["accuracy_after"] and evaluated["examples"] == 124
+    assert abs(evaluated["loss"] - result["loss_after"]) < 1e-5
