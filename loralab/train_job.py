@@ -31,8 +31,9 @@ from torch import nn
 
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
-from .cli_args import finite_float, fraction, nonnegative_int, positive_float, positive_int, target_list
-from .config import LoraConfig
+from .cli_args import (bool_or_choice, finite_float, fraction, index_list, name_list, nonnegative_int,
+                       positive_float, positive_int, target_list)
+from .config import BIAS_CHOICES, INIT_CHOICES, LoraConfig
 from .dataset import TASKS, check_records, label_names, read_records, split_records, tokenize
 from .save import save_adapter
 from .hf import HEAD_NAMES, TASK_TYPES, load_local_model
@@ -52,13 +53,17 @@ BUNDLED_EVAL = DATA_DIR / "travel_heldout.jsonl"
 BUNDLED_RECIPE = {"target_modules": "query,key,value,dense", "lr": 5e-4, "loraplus_lr_ratio": 16.0,
                   "epochs": 4, "batch_size": 16, "max_length": 64}
 _T = TrainConfig()  # the training loop's defaults
+_L = LoraConfig()   # the adapter's defaults
+QUANTIZE = ("nf4",)
 
 
-def _option(default=MISSING, help: str = "", parse=None, *, choices=None, optional: bool | None = None):
+def _option(default=MISSING, help: str = "", parse=None, *, choices=None, optional: bool | None = None,
+            aliases: tuple[str, ...] = ()):
     """A TrainJob field with what its `loralab train` option needs (see train_cli): help text, the parser of
     its flag / --config value (loralab.cli_args), choices.  optional: None is a valid value (default: when
-    the default is None).  Bool fields are on/off flags and take no parser."""
-    meta = {"help": help, "parse": parse, "choices": choices,
+    the default is None).  aliases: other names of the option (Hugging Face Trainer's spellings), as flags
+    and as --config keys.  A field without a parser is an on/off flag (its default is False)."""
+    meta = {"help": help, "parse": parse, "choices": choices, "aliases": aliases,
             "optional": default is None if optional is None else optional}
     return field(default=default, metadata=meta)
 
@@ -78,16 +83,33 @@ class TrainJob:
     r: int = _option(16, "LoRA rank", positive_int)
     lora_alpha: float = _option(32.0, "LoRA alpha; scaling = alpha / r", positive_float)
     lora_dropout: float = _option(0.0, "dropout on the adapter input, in [0, 1)", fraction)
-    target_modules: str | tuple[str, ...] = _option("all-linear", "comma-separated module names (q_proj,v_proj) "
-                                                                  "or all-linear", target_list)
-    epochs: int = _option(_T.epochs, "passes over the training data", positive_int)
+    target_modules: str | tuple[str, ...] = _option("all-linear", "comma-separated module names (query,value; "
+                                                                  "q_proj,v_proj on Llama) or all-linear", target_list)
+    exclude_modules: tuple[str, ...] | None = _option(None, "module names to leave without an adapter",
+                                                      name_list)
+    layers_to_transform: tuple[int, ...] | None = _option(None, "adapt only these layer indices, e.g. 0,1 "
+                                                                "(needs --target-modules as names)", index_list)
+    modules_to_save: tuple[str, ...] | None = _option(None, "modules trained in full and saved with the adapter "
+                                                            "(classify: the head is always one)", name_list)
+    use_rslora: bool = _option(_L.use_rslora, "rank-stabilised scaling alpha / sqrt(r)")
+    init_lora_weights: bool | str = _option(_L.init_lora_weights, f"how A and B start: "
+                                            f"{', '.join(str(c).lower() for c in INIT_CHOICES)}",
+                                            bool_or_choice(*(c for c in INIT_CHOICES if isinstance(c, str))),
+                                            choices=INIT_CHOICES)
+    bias: str = _option(_L.bias, f"which biases train: {', '.join(BIAS_CHOICES)}", str, choices=BIAS_CHOICES)
+    quantize: str | None = _option(None, "nf4: QLoRA, the base's Linear layers stored in 4-bit NF4 (frozen) under "
+                                         "full-precision adapters", str, choices=QUANTIZE)
+    epochs: int = _option(_T.epochs, "passes over the training data", positive_int, aliases=("num_train_epochs",))
     max_steps: int | None = _option(_T.max_steps, "stop after this many optimizer steps (default: all epochs)",
                                     positive_int)
-    lr: float = _option(_T.lr, "peak learning rate", positive_float)
-    batch_size: int = _option(_T.batch_size, "examples per micro-batch per process", positive_int)
-    grad_accum: int = _option(_T.grad_accum, "micro-batches per optimizer step", positive_int)
+    lr: float = _option(_T.lr, "peak learning rate", positive_float, aliases=("learning_rate",))
+    batch_size: int = _option(_T.batch_size, "examples per micro-batch per process", positive_int,
+                              aliases=("per_device_train_batch_size",))
+    grad_accum: int = _option(_T.grad_accum, "micro-batches per optimizer step", positive_int,
+                              aliases=("gradient_accumulation_steps",))
     warmup_ratio: float = _option(_T.warmup_ratio, "share of steps for linear warmup, in [0, 0.5]", finite_float)
-    schedule: str = _option(_T.schedule, f"lr decay after warmup: {', '.join(SCHEDULES)}", str, choices=SCHEDULES)
+    schedule: str = _option(_T.schedule, f"lr decay after warmup: {', '.join(SCHEDULES)}", str, choices=SCHEDULES,
+                            aliases=("lr_scheduler_type",))
     loraplus_lr_ratio: float = _option(_T.loraplus_lr_ratio, "LoRA+: lr of B = ratio x lr (1 = off)",
                                        positive_float)
     max_length: int = _option(512, "longer sequences are truncated, with a warning", positive_int)
@@ -96,7 +118,8 @@ class TrainJob:
                                                                       "save memory")
     seed: int = _option(_T.seed, "random seed", nonnegative_int)
     save_every: int | None = _option(50, "checkpoint every N steps, and at the end", positive_int, optional=True)
-    out: Path = _option(Path("runs/train"), "output directory: adapter/, checkpoints/, run.json", Path)
+    out: Path = _option(Path("runs/train"), "output directory: adapter/, checkpoints/, run.json", Path,
+                        aliases=("output_dir",))
     resume: bool = _option(_T.resume, "continue from the newest checkpoint in --out")
     head_only_lr: float = _option(1e-2, "lr of the head-only comparison run", positive_float)
     skip_head_only: bool = _option(False, "skip the head-only comparison run")
@@ -109,11 +132,12 @@ class TrainJob:
                 continue
             object.__setattr__(self, f.name, _normalised(f, value))
         train_config(self)  # the training-loop fields, checked by TrainConfig
+        lora_config(self)   # the adapter fields, checked by LoraConfig
 
 
 def _normalised(f, value):
     """`value` checked (and normalised: str -> Path, "a,b" -> ("a", "b")) by the field's own option parser."""
-    if isinstance(f.default, bool):
+    if f.metadata["parse"] is None:
         if not isinstance(value, bool):
             raise ValueError(f"{f.name} must be True or False, got {value!r}")
         return value
@@ -122,14 +146,17 @@ def _normalised(f, value):
             hint = " (the training file, .jsonl or .csv)" if f.name == "data" else ""
             raise ValueError(f"{f.name} must be a path, got {value!r}{hint}")
         return Path(value)
-    if f.metadata["choices"] is not None:
-        if value not in f.metadata["choices"]:
-            raise ValueError(f"{f.name}={value!r} is not supported; choose one of {f.metadata['choices']}")
-        return value
-    try:
-        return f.metadata["parse"](value)
-    except argparse.ArgumentTypeError as e:
-        raise ValueError(f"{f.name}={value!r}: {e} (option --{f.name.replace('_', '-')})") from None
+    choices = f.metadata["choices"]
+    if choices is not None and f.metadata["parse"] is str:
+        parsed = value
+    else:
+        try:
+            parsed = f.metadata["parse"](value)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{f.name}={value!r}: {e} (option --{f.name.replace('_', '-')})") from None
+    if choices is not None and not any(parsed == c and type(parsed) is type(c) for c in choices):
+        raise ValueError(f"{f.name}={value!r} is not supported; choose one of {choices}")
+    return parsed
 
 
 def train_config(job: TrainJob) -> TrainConfig:
@@ -143,8 +170,11 @@ def train_config(job: TrainJob) -> TrainConfig:
 def lora_config(job: TrainJob, modules_to_save=None) -> LoraConfig:
     """The adapter of a job; target_modules names are exact paths or dotted suffixes (not a regex)."""
     targets = job.target_modules if job.target_modules == "all-linear" else list(job.target_modules)
+    saved = list(modules_to_save or ()) + [m for m in job.modules_to_save or () if m not in (modules_to_save or ())]
     return LoraConfig(r=job.r, lora_alpha=job.lora_alpha, lora_dropout=job.lora_dropout, target_modules=targets,
-                      modules_to_save=list(modules_to_save) if modules_to_save else None)
+                      exclude_modules=list(job.exclude_modules) if job.exclude_modules else None,
+                      layers_to_transform=job.layers_to_transform, use_rslora=job.use_rslora,
+                      init_lora_weights=job.init_lora_weights, bias=job.bias, modules_to_save=saved or None)
 
 
 def bundled_job(**overrides) -> TrainJob:

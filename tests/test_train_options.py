@@ -1,0 +1,148 @@
+"""`loralab train` options beyond the basics: every LoraConfig field as a flag, Hugging Face Trainer's spellings
+as aliases (flags and --config keys), YAML / TOML / JSON --config files and their errors."""
+
+import pytest
+import torch
+
+from loralab.cli import build_parser
+from loralab.train_cli import ALIASES, resolve
+from loralab.train_job import TrainJob, lora_config
+
+
+def parse(*argv):
+    return build_parser().parse_args(["train", *argv])
+
+
+def job_of(*argv) -> TrainJob:
+    return resolve(parse("--data", "d.jsonl", *argv))
+
+
+# ---- the adapter's options ------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, field, expected", [
+    (["--modules-to-save", "pooler, classifier"], "modules_to_save", ("classifier", "pooler")),
+    (["--use-rslora"], "use_rslora", True),
+    (["--init-lora-weights", "gaussian"], "init_lora_weights", "gaussian"),
+    (["--init-lora-weights", "false"], "init_lora_weights", False),
+    (["--init-lora-weights", "pissa"], "init_lora_weights", "pissa"),
+    (["--lora-dropout", "0.1"], "lora_dropout", 0.1),
+    (["--target-modules", "query,value", "--layers-to-transform", "0,2"], "layers_to_transform", (0, 2)),
+    (["--exclude-modules", "output.dense"], "exclude_modules", ("output.dense",)),
+    (["--bias", "lora_only"], "bias", "lora_only"),
+])
+def test_each_adapter_flag_reaches_the_lora_config(argv, field, expected):
+    config = lora_config(job_of(*argv), ["classifier"])
+    value = getattr(config, field)
+    assert (tuple(sorted(value)) if field == "modules_to_save" else value) == expected
+
+
+def test_adapter_defaults_are_lora_configs():
+    from loralab import LoraConfig
+    job, ref = job_of(), LoraConfig()
+    for name in ("use_rslora", "init_lora_weights", "bias", "exclude_modules", "layers_to_transform"):
+        assert getattr(lora_config(job), name) == getattr(ref, name), name
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--init-lora-weights", "eva"], "expected true, false or one of gaussian, pissa"),
+    (["--bias", "some"], "invalid choice: 'some'"),
+    (["--layers-to-transform", "a,1"], "expected comma-separated layer indices like 0,1,5"),
+    (["--quantize", "int8"], "invalid choice: 'int8'"),
+])
+def test_bad_adapter_flags_say_what_is_valid(capsys, argv, fragment):
+    from loralab.cli import main
+    with pytest.raises(SystemExit):
+        main(["train", *argv])
+    assert fragment in capsys.readouterr().err
+
+
+def test_layers_to_transform_with_all_linear_is_refused_when_the_job_is_made():
+    with pytest.raises(ValueError, match="layers_to_transform=\\[1\\] cannot be combined with target_modules='all-linear'"):
+        TrainJob(data="d.jsonl", layers_to_transform=[1])
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                                    num_attention_heads=4, vocab_size=64, num_labels=3))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--target-modules", "query,value,dense", "--layers-to-transform", "0,2", "--exclude-modules", "output.dense"],
+    ["--target-modules", "all-linear", "--exclude-modules", "key", "--modules-to-save", "pooler", "--bias", "all"],
+    ["--target-modules", "query,key", "--use-rslora", "--bias", "lora_only", "--init-lora-weights", "gaussian"],
+])
+def test_the_flags_adapt_what_peft_adapts_with_the_same_settings(argv):
+    """The same option values through loralab and through PEFT's own LoraConfig: the same adapted modules, the
+    same trainable parameters, the same scaling."""
+    import peft
+    from loralab import add_lora
+    from loralab.inject import lora_layers
+    config = lora_config(job_of(*argv), ["classifier"])
+    ours = add_lora(_tiny_bert(), config)
+    kwargs = {k: v for k, v in config.to_dict().items() if k in (
+        "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "use_rslora", "bias",
+        "modules_to_save", "init_lora_weights")}
+    theirs = peft.get_peft_model(_tiny_bert(), peft.LoraConfig(**kwargs))
+    theirs_layers = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                           if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert sorted(lora_layers(ours)) == theirs_layers and theirs_layers
+    ours_scaling = {p: layer.adapters["default"].scaling for p, layer in lora_layers(ours).items()}
+    theirs_scaling = {n.removeprefix("base_model.model."): m.scaling["default"] for n, m in theirs.named_modules()
+                      if isinstance(m, peft.tuners.lora.LoraLayer)}
+    assert ours_scaling == pytest.approx(theirs_scaling)
+    count = lambda model: sum(p.numel() for p in model.parameters() if p.requires_grad)  # noqa: E731
+    assert count(ours) == count(theirs)
+
+
+# ---- Hugging Face Trainer's spellings -------------------------------------------------------------------
+HF = [("--learning-rate", "1e-3", "lr", 1e-3), ("--num-train-epochs", "7", "epochs", 7),
+      ("--per-device-train-batch-size", "4", "batch_size", 4), ("--gradient-accumulation-steps", "3", "grad_accum", 3),
+      ("--output-dir", "runs/hf", "out", __import__("pathlib").Path("runs/hf")), ("--warmup-ratio", "0.1", "warmup_ratio", 0.1),
+      ("--lr-scheduler-type", "linear", "schedule", "linear")]
+
+
+@pytest.mark.parametrize("flag, text, field, expected", HF)
+def test_hugging_face_trainer_flags_are_aliases(flag, text, field, expected):
+    assert getattr(job_of(flag, text), field) == expected
+
+
+@pytest.mark.parametrize("flag, text, field, expected", HF)
+def test_hugging_face_trainer_keys_in_a_config_file(tmp_path, flag, text, field, expected):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data: d.jsonl\n{flag[2:].replace('-', '_')}: {text}\n")
+    assert getattr(resolve(parse("--config", str(path))), field) == expected
+
+
+def test_aliases_cover_the_trainer_names_and_a_key_given_twice_is_an_error(tmp_path):
+    assert {"learning_rate", "num_train_epochs", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "output_dir", "lr_scheduler_type"} <= set(ALIASES)
+    path = tmp_path / "c.json"
+    path.write_text('{"lr": 1e-3, "learning_rate": 2e-3}')
+    with pytest.raises(ValueError, match="'learning_rate' and 'lr' are the same option; keep one"):
+        resolve(parse("--config", str(path)))
+
+
+# ---- config files ---------------------------------------------------------------------------------------
+def test_yaml_config_file(tmp_path):
+    path = tmp_path / "run.yml"
+    path.write_text("data: mine.jsonl\nlora-alpha: 64\nlearning_rate: 2e-4\ntarget_modules: [query, value]\n"
+                    "bf16: true\nuse_rslora: yes\ninit_lora_weights: false\nlayers_to_transform: [0, 1]\n")
+    job = resolve(parse("--config", str(path), "--epochs", "2"))
+    assert (job.lora_alpha, job.lr, job.target_modules, job.bf16, job.use_rslora, job.epochs) == \
+        (64.0, 2e-4, ("query", "value"), True, True, 2)
+    assert job.init_lora_weights is False and job.layers_to_transform == (0, 1)
+
+
+@pytest.mark.parametrize("name, content, fragment", [
+    ("c.yaml", "lr: 1e-3\nepochs: [3\nr: 4\n", r"c.yaml, line 3, column 2: not valid YAML"),
+    ("c.yaml", "- lr\n- 3\n", "expected a mapping of option names to values"),
+    ("c.toml", 'lr = 1e-3\nepochs = \n', r"not valid TOML .*line 2"),
+    ("c.json", '{"lr": 1e-3,\n "r": 4,\n}', r"c.json, line 3, column 1: not valid JSON"),
+    ("c.yaml", "epochz: 3\n", "unknown option 'epochz' \\(did you mean 'epochs'\\?\\)"),
+])
+def test_bad_config_files_name_the_format_and_line(tmp_path, name, content, fragment):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(ValueError, match=fragment):
+        resolve(parse("--config", str(path)))
