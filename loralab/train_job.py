@@ -19,6 +19,7 @@ command's options (train_cli generates the flags and --config keys from them).  
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -38,7 +39,7 @@ from .dataset import TASKS, check_records, label_names, read_records, split_reco
 from .save import save_adapter
 from .hf import HEAD_NAMES, TASK_TYPES, load_local_model
 from .inject import add_lora, lora_layers, trainable_report
-from .merging import merge, unmerge
+from .merging import merge, merge_and_unload, unmerge
 from .trainer import SCHEDULES, TrainConfig, evaluate, seed_everything, train
 
 __all__ = ["TrainJob", "run_train_job", "bundled_job", "train_config", "lora_config", "bundled_model_dir",
@@ -249,12 +250,16 @@ def _head_only(model_dir: Path, job: TrainJob, labels, train_data, eval_data) ->
 @torch.no_grad()
 def merge_difference(model: nn.Module, data, n: int = 64) -> float:
     """max |logits(unmerged) - logits(merged)| on the first n examples of `data` (a TokenizedData), the batch
-    on the model's device; the model is left unmerged, in eval mode."""
+    on the model's device; the model is left unmerged, in eval mode.  A quantized (QLoRA) base is never merged
+    into: a copy is merged into its dequantized weights instead (merge_and_unload(dequantize=True))."""
     model.eval()
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in data.collate(range(min(n, len(data)))).items()}
     batch.pop("labels")
     before = model(**batch).logits
+    if any(getattr(getattr(layer, "base", None), "quant_type", None) for layer in lora_layers(model).values()):
+        dense = merge_and_unload(copy.deepcopy(model), dequantize=True)
+        return float((before - dense(**batch).logits).abs().max())
     merge(model)
     try:
         after = model(**batch).logits
@@ -281,10 +286,11 @@ def run_train_job(job: TrainJob, say=print) -> dict:
         + (f"; {len(labels)} classes: {', '.join(labels)}" if labels else ""))
 
     heads = _head_names(model) if task == "classify" else None
-    add_lora(model, lora_config(job, heads))
+    add_lora(model, lora_config(job, heads), quantize=job.quantize)
     report = trainable_report(model)
     targets = job.target_modules if isinstance(job.target_modules, str) else ",".join(job.target_modules)
     say(f"\nLoRA r={job.r} alpha={job.lora_alpha} on {len(lora_layers(model))} layers ({targets})"
+        + (f" over a {job.quantize.upper()} base" if job.quantize else "")
         + (f"; trained in full: {', '.join(heads)}" if heads else ""))
     say(str(report))
     tconfig = train_config(job)

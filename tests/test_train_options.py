@@ -146,3 +146,37 @@ def test_bad_config_files_name_the_format_and_line(tmp_path, name, content, frag
     path.write_text(content)
     with pytest.raises(ValueError, match=fragment):
         resolve(parse("--config", str(path)))
+
+
+# ---- QLoRA ----------------------------------------------------------------------------------------------
+def test_quantize_nf4_trains_adapters_over_a_4_bit_base(tmp_path, capsys):
+    """--quantize nf4 on a tiny BERT: the adapted layers' bases are NF4, the head stays dense and trains, the
+    loss on the training examples drops, and the saved adapter gives the trained outputs on the dequantized base."""
+    import json
+    from pathlib import Path
+    from loralab.cli import main
+    from test_train_cli import tiny_classifier_dir, write_travel_files
+    model_dir, data = tiny_classifier_dir(tmp_path / "model"), write_travel_files(tmp_path / "data", 32)
+    code = main(["train", "--json", "--model", str(model_dir), "--data", str(data / "train.jsonl"), "--eval-data",
+                 str(data / "train.jsonl"), "--out", str(tmp_path / "out"), "--quantize", "nf4", "--epochs", "4",
+                 "--batch-size", "8", "--lr", "3e-3", "--target-modules", "query,value", "--skip-head-only",
+                 "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert "over a NF4 base" in captured.err
+    assert result["loss_after"] < result["loss_before"]
+    assert result["merge_max_abs_diff"] < 1e-4          # unmerged over NF4 == merged into dequant(NF4)
+    saved = json.loads((Path(result["adapter_dir"]) / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == ["query", "value"] and saved["modules_to_save"] == ["classifier"]
+
+
+def test_quantize_nf4_puts_every_adapted_base_in_4_bits():
+    from loralab import add_lora
+    from loralab.inject import lora_layers
+    from loralab.quant import NF4Linear
+    job = job_of("--quantize", "nf4", "--target-modules", "query,key,value,dense")
+    model = add_lora(_tiny_bert(), lora_config(job, ["classifier"]), quantize=job.quantize)
+    bases = [layer.base_layer for layer in lora_layers(model).values()]
+    assert len(bases) == 3 * 6 + 1 and all  # 6 per layer, and the pooler's dense;(isinstance(b, NF4Linear) for b in bases)
+    assert type(model.classifier.in_use()) is torch.nn.Linear
