@@ -93,24 +93,29 @@ def main() -> None:
     p.add_argument("--tasks", type=lambda t: t.split(","), default=list(TASKS))
     p.add_argument("--skip", type=lambda t: {(float(c.split(":")[0]), int(c.split(":")[1])) for c in t.split(",")},
                    default=set(), help="lr:epochs cells to leave out, e.g. 2e-4:15")
+    p.add_argument("--cells", type=lambda t: [(float(c.split(":")[0]), int(c.split(":")[1]), float(c.split(":")[2]))
+                                              for c in t.split(",")], default=None,
+                   help="lr:epochs:ratio cells to run instead of the grid, e.g. 1e-3:8:16,2e-3:3:1")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "study_defaults.jsonl")
     p.add_argument("--table-only", action="store_true", help="print the table of the runs in --out")
     args = p.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    import torch
+    torch.set_num_threads(args.threads)
     if not args.table_only:
+        cells = args.cells or [(lr, e, ratio) for e in args.epochs for lr in args.lr for ratio in args.ratio
+                               if (lr, e) not in args.skip]
         for seed in args.seeds:
-            for epochs in args.epochs:          # the cheap cells first: a cut-short study still covers them
+            for epochs in sorted({e for _, e, _ in cells}):  # the cheap cells first: a cut-short study has them
                 for task in args.tasks:
                     first = True
-                    for lr in args.lr:
-                        for ratio in args.ratio:
-                            if (lr, epochs) in args.skip:
-                                continue
-                            row = run_one(task, lr, epochs, ratio, seed, head_only=first)
-                            first = False
-                            print(json.dumps(row), file=sys.stderr, flush=True)
-                            with open(args.out, "a") as f:
-                                f.write(json.dumps(row) + "\n")
+                    for lr, _, ratio in [c for c in cells if c[1] == epochs]:
+                        row = run_one(task, lr, epochs, ratio, seed, head_only=first)
+                        first = False
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+                        with open(args.out, "a") as f:
+                            f.write(json.dumps(row) + "\n")
     rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
     print(table(rows))
 

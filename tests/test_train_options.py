@@ -180,3 +180,50 @@ def test_quantize_nf4_puts_every_adapted_base_in_4_bits():
     bases = [layer.base_layer for layer in lora_layers(model).values()]
     assert len(bases) == 3 * 6 + 1 and all  # 6 per layer, and the pooler's dense;(isinstance(b, NF4Linear) for b in bases)
     assert type(model.classifier.in_use()) is torch.nn.Linear
+
+
+# ---- target names -------------------------------------------------------------------------------------
+def test_a_target_that_matches_nothing_lists_the_short_names_before_the_paths():
+    from loralab import LoraConfig, add_lora
+    with pytest.raises(ValueError) as info:
+        add_lora(_tiny_bert(), LoraConfig(target_modules=["q_proj", "v_proj"]))
+    text = str(info.value)
+    assert "short names in this model (linear layers: query, key, value, dense, classifier; embedding layers: " \
+           "word_embeddings, position_embeddings, token_type_embeddings)" in text
+    assert text.index("query, key, value, dense") < text.index("bert.encoder.layer.0.attention.self.query")
+
+
+def _readme_first_train_example() -> list[str]:
+    """The first command of the README's "Your own data" block, continuation lines joined, as argv."""
+    import shlex
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text[text.index("```bash\n", text.index("Your own data")) + 8:]
+    command = block[:block.index("```")].split("\n")
+    first = []
+    for line in command:
+        first.append(line.rstrip("\\ "))
+        if not line.endswith("\\"):
+            break
+    argv = shlex.split(" ".join(first).split("#")[0])
+    assert argv[:2] == ["loralab", "train"]
+    return argv[2:]
+
+
+def test_the_readmes_first_train_example_runs_on_the_bundled_model(tmp_path, monkeypatch, capsys):
+    """As written (its train.jsonl a few bundled examples), cut to 2 steps: the names it gives exist in MiniLM."""
+    import json
+    from loralab.cli import main
+    from loralab.train_job import BUNDLED_TRAIN
+    argv = _readme_first_train_example()
+    assert "--model" not in argv and "--target-modules" in argv
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("".join(BUNDLED_TRAIN.read_text().splitlines(True)[:40]))
+    code = main(["train", *argv, "--json", "--max-steps", "2", "--skip-head-only", "--no-progress"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    targets = argv[argv.index("--target-modules") + 1].split(",")
+    assert result["steps"] == 2 and result["model"].endswith("model")
+    saved = json.loads((tmp_path / "runs" / "mine" / "adapter" / "adapter_config.json").read_text())
+    assert sorted(saved["target_modules"]) == sorted(targets)
