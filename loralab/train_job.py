@@ -42,7 +42,7 @@ from .inject import add_lora, lora_layers, trainable_report
 from .merging import merge, merge_and_unload, unmerge
 from .trainer import SCHEDULES, TrainConfig, evaluate, seed_everything, train
 
-__all__ = ["TrainJob", "run_train_job", "bundled_job", "train_config", "lora_config", "bundled_model_dir",
+__all__ = ["TrainJob", "TASK_DEFAULTS", "run_train_job", "bundled_job", "train_config", "lora_config", "bundled_model_dir",
            "BUNDLED_TRAIN", "BUNDLED_EVAL", "BUNDLED_RECIPE", "factor_stats", "merge_difference", "job_record"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -56,6 +56,15 @@ BUNDLED_RECIPE = {"target_modules": "query,key,value,dense", "lr": 5e-4, "lorapl
 _T = TrainConfig()  # the training loop's defaults
 _L = LoraConfig()   # the adapter's defaults
 QUANTIZE = ("nf4",)
+# Training-loop defaults that depend on the task.  classify: measured on three small (200-example) tasks with
+# the bundled MiniLM, the cheapest setting that beat the head-only baseline on all of them (BENCHMARKS.md,
+# "Defaults for small classification data"; bench/study_defaults.py); TrainConfig's 2e-4 x 3 epochs underfit
+# there.  causal-lm: TrainConfig's, the usual LoRA recipe for language models (guidance.py).
+TASK_DEFAULTS = {"classify": {"lr": 1e-3, "epochs": 8}, "causal-lm": {"lr": _T.lr, "epochs": _T.epochs}}
+
+
+def _by_task(name: str) -> str:
+    return ", ".join(f"{v[name]:g} for {task}" for task, v in TASK_DEFAULTS.items())
 
 
 def _option(default=MISSING, help: str = "", parse=None, *, choices=None, optional: bool | None = None,
@@ -101,10 +110,12 @@ class TrainJob:
     bias: str = _option(_L.bias, f"which biases train: {', '.join(BIAS_CHOICES)}", str, choices=BIAS_CHOICES)
     quantize: str | None = _option(None, "nf4: QLoRA, the base's Linear layers stored in 4-bit NF4 (frozen) under "
                                          "full-precision adapters", str, choices=QUANTIZE)
-    epochs: int = _option(_T.epochs, "passes over the training data", positive_int, aliases=("num_train_epochs",))
+    epochs: int = _option(None, f"passes over the training data (default {_by_task('epochs')})", positive_int,
+                          optional=True, aliases=("num_train_epochs",))
     max_steps: int | None = _option(_T.max_steps, "stop after this many optimizer steps (default: all epochs)",
                                     positive_int)
-    lr: float = _option(_T.lr, "peak learning rate", positive_float, aliases=("learning_rate",))
+    lr: float = _option(None, f"peak learning rate (default {_by_task('lr')})", positive_float,
+                        optional=True, aliases=("learning_rate",))
     batch_size: int = _option(_T.batch_size, "examples per micro-batch per process", positive_int,
                               aliases=("per_device_train_batch_size",))
     grad_accum: int = _option(_T.grad_accum, "micro-batches per optimizer step", positive_int,
@@ -133,6 +144,9 @@ class TrainJob:
             if value is None and f.metadata["optional"]:
                 continue
             object.__setattr__(self, f.name, _normalised(f, value))
+        for name, value in TASK_DEFAULTS[self.task].items():  # a value not given: the task's default
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         train_config(self)  # the training-loop fields, checked by TrainConfig
         lora_config(self)   # the adapter fields, checked by LoraConfig
 

@@ -118,9 +118,13 @@ def test_the_training_loop_settings_come_from_the_job():
     assert (loop.epochs, loop.lr, loop.grad_accum, loop.progress, loop.out_dir, loop.save_every) == \
         (7, 1e-3, 2, False, "o", 50)
     assert (loop.weight_decay, loop.max_grad_norm) == (TrainConfig.weight_decay, TrainConfig.max_grad_norm)
-    default = TrainJob(data="d.jsonl")
+    default = TrainJob(data="d.jsonl", task="causal-lm")
     for name in ("epochs", "lr", "batch_size", "grad_accum", "warmup_ratio", "schedule", "loraplus_lr_ratio", "seed"):
         assert getattr(default, name) == getattr(TrainConfig(), name), name
+    from loralab.train_job import TASK_DEFAULTS   # classify: lr and epochs measured on small data (BENCHMARKS.md)
+    classify = TrainJob(data="d.jsonl")
+    assert (classify.lr, classify.epochs) == (TASK_DEFAULTS["classify"]["lr"], TASK_DEFAULTS["classify"]["epochs"])
+    assert train_config(classify).lr == classify.lr and TrainJob(data="d.jsonl", lr=3e-4, epochs=2).lr == 3e-4
     lora = lora_config(job, ["classifier"])
     assert (lora.r, lora.lora_alpha, list(lora.target_modules), list(lora.modules_to_save)) == \
         (16, 32.0, ["q"], ["classifier"])
