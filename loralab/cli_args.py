@@ -16,7 +16,7 @@ import math
 from typing import Callable
 
 __all__ = ["positive_int", "nonnegative_int", "integer", "positive_float", "nonnegative_float", "finite_float",
-           "fraction", "int_list", "index_list", "target_list", "name_list", "bool_or_choice", "checked"]
+           "fraction", "int_list", "index_list", "target_list", "name_list", "pattern_map", "bool_or_choice", "checked"]
 
 
 def _int(value, what: str) -> int:
@@ -117,6 +117,23 @@ def name_list(value) -> tuple[str, ...]:
     if not names or not all(names):
         raise argparse.ArgumentTypeError(f"expected comma-separated module names like classifier,pooler, got {value!r}")
     return names
+
+
+def pattern_map(number: Callable) -> Callable:
+    """A parser of {module-name regex: number}: 'q_proj=8,v_proj=4' (or a mapping {"q_proj": 8}), each
+    number read by `number` (e.g. positive_int), such as LoraConfig's rank_pattern."""
+    def parse_map(value):
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, str) and value.strip():
+            items = [part.split("=", 1) if "=" in part else (part, None) for part in value.split(",")]
+        else:
+            items = None
+        if not items or any(v is None or not str(k).strip() for k, v in items):
+            raise argparse.ArgumentTypeError(f"expected name=number pairs like q_proj=8,v_proj=4, got {value!r}")
+        return {str(k).strip(): number(v.strip() if isinstance(v, str) else v) for k, v in items}
+    parse_map.__name__ = "pattern_map"
+    return parse_map
 
 
 def bool_or_choice(*names: str) -> Callable:

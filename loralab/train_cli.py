@@ -27,7 +27,7 @@ from .train_job import BUNDLED_RECIPE, TrainJob, bundled_job, bundled_model_dir
 __all__ = ["add_arguments", "resolve", "read_config", "config_format", "run_from_args", "OPTIONS", "ALIASES"]
 
 OPTIONS: dict[str, Field] = {f.name: f for f in fields(TrainJob)}   # option name -> its TrainJob field
-_METAVARS = {"target_list": "NAMES", "name_list": "NAMES", "index_list": "INDICES"}
+_METAVARS = {"target_list": "NAMES", "name_list": "NAMES", "index_list": "INDICES", "pattern_map": "NAME=N,..."}
 ALIASES: dict[str, str] = {alias: f.name for f in OPTIONS.values() for alias in f.metadata["aliases"]}
 
 

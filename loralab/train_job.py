@@ -33,7 +33,7 @@ from torch import nn
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
 from .cli_args import (bool_or_choice, finite_float, fraction, index_list, name_list, nonnegative_int,
-                       positive_float, positive_int, target_list)
+                       pattern_map, positive_float, positive_int, target_list)
 from .config import BIAS_CHOICES, INIT_CHOICES, LoraConfig
 from .dataset import TASKS, check_records, label_names, read_records, split_records, tokenize
 from .save import save_adapter
@@ -100,6 +100,11 @@ class TrainJob:
                                                       name_list)
     layers_to_transform: tuple[int, ...] | None = _option(None, "adapt only these layer indices, e.g. 0,1 "
                                                                 "(needs --target-modules as names)", index_list)
+    layers_pattern: tuple[str, ...] | None = _option(None, "the name before the layer index, e.g. layers (default: "
+                                                           "the first name followed by a number)", name_list)
+    rank_pattern: dict | None = _option(None, "per-module ranks, e.g. query=8,value=4 (a name matches a path "
+                                              "suffix)", pattern_map(positive_int))
+    alpha_pattern: dict | None = _option(None, "per-module alphas, e.g. query=16", pattern_map(positive_float))
     modules_to_save: tuple[str, ...] | None = _option(None, "modules trained in full and saved with the adapter "
                                                             "(classify: the head is always one)", name_list)
     use_rslora: bool = _option(_L.use_rslora, "rank-stabilised scaling alpha / sqrt(r)")
@@ -189,7 +194,8 @@ def lora_config(job: TrainJob, modules_to_save=None) -> LoraConfig:
     saved = list(modules_to_save or ()) + [m for m in job.modules_to_save or () if m not in (modules_to_save or ())]
     return LoraConfig(r=job.r, lora_alpha=job.lora_alpha, lora_dropout=job.lora_dropout, target_modules=targets,
                       exclude_modules=list(job.exclude_modules) if job.exclude_modules else None,
-                      layers_to_transform=job.layers_to_transform, use_rslora=job.use_rslora,
+                      layers_to_transform=job.layers_to_transform, layers_pattern=job.layers_pattern,
+                      rank_pattern=job.rank_pattern or {}, alpha_pattern=job.alpha_pattern or {}, use_rslora=job.use_rslora,
                       init_lora_weights=job.init_lora_weights, bias=job.bias, modules_to_save=saved or None)
 
 

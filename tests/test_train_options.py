@@ -28,6 +28,10 @@ def job_of(*argv) -> TrainJob:
     (["--target-modules", "query,value", "--layers-to-transform", "0,2"], "layers_to_transform", (0, 2)),
     (["--exclude-modules", "output.dense"], "exclude_modules", ("output.dense",)),
     (["--bias", "lora_only"], "bias", "lora_only"),
+    (["--rank-pattern", "query=4, value=2"], "rank_pattern", {"query": 4, "value": 2}),
+    (["--alpha-pattern", "query=8"], "alpha_pattern", {"query": 8.0}),
+    (["--target-modules", "query", "--layers-to-transform", "1", "--layers-pattern", "layer"], "layers_pattern",
+     ("layer",)),
 ])
 def test_each_adapter_flag_reaches_the_lora_config(argv, field, expected):
     config = lora_config(job_of(*argv), ["classifier"])
@@ -47,6 +51,8 @@ def test_adapter_defaults_are_lora_configs():
     (["--bias", "some"], "invalid choice: 'some'"),
     (["--layers-to-transform", "a,1"], "expected comma-separated layer indices like 0,1,5"),
     (["--quantize", "int8"], "invalid choice: 'int8'"),
+    (["--rank-pattern", "query"], "expected name=number pairs like q_proj=8,v_proj=4"),
+    (["--rank-pattern", "query=0"], "expected a positive integer, got 0"),
 ])
 def test_bad_adapter_flags_say_what_is_valid(capsys, argv, fragment):
     from loralab.cli import main
@@ -71,6 +77,8 @@ def _tiny_bert():
     ["--target-modules", "query,value,dense", "--layers-to-transform", "0,2", "--exclude-modules", "output.dense"],
     ["--target-modules", "all-linear", "--exclude-modules", "key", "--modules-to-save", "pooler", "--bias", "all"],
     ["--target-modules", "query,key", "--use-rslora", "--bias", "lora_only", "--init-lora-weights", "gaussian"],
+    ["--target-modules", "query,value", "--rank-pattern", "value=4", "--alpha-pattern", "query=64",
+     "--layers-to-transform", "1", "--layers-pattern", "layer"],
 ])
 def test_the_flags_adapt_what_peft_adapts_with_the_same_settings(argv):
     """The same option values through loralab and through PEFT's own LoraConfig: the same adapted modules, the
@@ -82,7 +90,7 @@ def test_the_flags_adapt_what_peft_adapts_with_the_same_settings(argv):
     ours = add_lora(_tiny_bert(), config)
     kwargs = {k: v for k, v in config.to_dict().items() if k in (
         "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "use_rslora", "bias",
-        "modules_to_save", "init_lora_weights")}
+        "modules_to_save", "init_lora_weights", "layers_pattern", "rank_pattern", "alpha_pattern")}
     theirs = peft.get_peft_model(_tiny_bert(), peft.LoraConfig(**kwargs))
     theirs_layers = sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
                            if isinstance(m, peft.tuners.lora.LoraLayer))
@@ -93,6 +101,9 @@ def test_the_flags_adapt_what_peft_adapts_with_the_same_settings(argv):
     assert ours_scaling == pytest.approx(theirs_scaling)
     count = lambda model: sum(p.numel() for p in model.parameters() if p.requires_grad)  # noqa: E731
     assert count(ours) == count(theirs)
+    ours_ranks = {p: layer.adapters["default"].r for p, layer in lora_layers(ours).items()}
+    assert ours_ranks == {n.removeprefix("base_model.model."): m.r["default"] for n, m in theirs.named_modules()
+                          if isinstance(m, peft.tuners.lora.LoraLayer)}
 
 
 # ---- Hugging Face Trainer's spellings -------------------------------------------------------------------
@@ -127,11 +138,12 @@ def test_aliases_cover_the_trainer_names_and_a_key_given_twice_is_an_error(tmp_p
 def test_yaml_config_file(tmp_path):
     path = tmp_path / "run.yml"
     path.write_text("data: mine.jsonl\nlora-alpha: 64\nlearning_rate: 2e-4\ntarget_modules: [query, value]\n"
-                    "bf16: true\nuse_rslora: yes\ninit_lora_weights: false\nlayers_to_transform: [0, 1]\n")
+                    "bf16: true\nuse_rslora: yes\ninit_lora_weights: false\nlayers_to_transform: [0, 1]\n"
+                    "rank_pattern: {query: 4}\n")
     job = resolve(parse("--config", str(path), "--epochs", "2"))
     assert (job.lora_alpha, job.lr, job.target_modules, job.bf16, job.use_rslora, job.epochs) == \
         (64.0, 2e-4, ("query", "value"), True, True, 2)
-    assert job.init_lora_weights is False and job.layers_to_transform == (0, 1)
+    assert job.init_lora_weights is False and job.layers_to_transform == (0, 1) and job.rank_pattern == {"query": 4}
 
 
 @pytest.mark.parametrize("name, content, fragment", [
