@@ -2,7 +2,6 @@
 format without a template; the end-of-sequence token a causal LM needs."""
 
 import json
-import warnings
 
 import pytest
 import torch
