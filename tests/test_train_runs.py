@@ -2,7 +2,6 @@
 in --out, and the adapter directory as PEFT and `loralab predict` / `loralab eval` read it."""
 
 import json
-import math
 import sys
 
 import pytest
