@@ -32,7 +32,7 @@ from . import distributed as dd
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
 from .run_log import (BEST_DIR, CURVES_NAME, LOG_NAME, METRICS, RunRecorder, best_so_far, check_metric,
-                      default_metric, plot_curves, prepare_out, read_log, restore_best)
+                      default_metric, plot_curves, prepare_out, read_log, remove_run, restore_best)
 from .cli_args import finite_float, fraction, nonnegative_int, positive_float, positive_int, target_list
 from .config import LoraConfig
 from .dataset import TASKS, check_records, label_names, read_records, split_records, tokenize
@@ -267,11 +267,8 @@ def run_train_job(job: TrainJob, say=print) -> dict:
     model_dir = job.model or bundled_model_dir()
     dd.setup()  # under torchrun every process runs the job; only rank 0 writes files
     main = dd.is_main()
-    removed = prepare_out(out, job.resume, job.overwrite) if main else []  # an earlier run is refused first
-    dd.barrier()
+    replaced = prepare_out(out, job.resume, job.overwrite, remove=False)  # an earlier run is refused first
     say(f"model: {model_dir}\ndata:  {job.data} (task {task})")
-    if removed:
-        say(f"--overwrite: removed the earlier run in {out} ({', '.join(removed)})")
     train_records, eval_records, eval_source = _load_data(job, say)
     seed_everything(job.seed)
     labels = label_names(train_records) if task == "classify" else None
@@ -296,6 +293,11 @@ def run_train_job(job: TrainJob, say=print) -> dict:
     say(_stats_line("before training", stats_before))
     say(f"\nheld-out before training: {_metric_text(before)}")
     _say_resume(out / "checkpoints", job.resume, say)
+    if replaced:  # only now that data and model are loaded: a failing --overwrite run leaves the earlier one
+        if main:
+            remove_run(out, replaced)
+        dd.barrier()
+        say(f"--overwrite: removed the earlier run in {out} ({', '.join(replaced)})")
     recorder = RunRecorder(out, job.best_metric, job.early_stopping_patience, keep_best=job.final == "best")
     history = train(model, train_data, eval_data, tconfig, on_step=recorder.on_step, on_eval=recorder.on_eval)
     best, final, restored = _final_adapter(job, model, history, out, say)
