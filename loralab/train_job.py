@@ -375,10 +375,13 @@ def _final_adapter(job: TrainJob, model: nn.Module, history, out: Path, say):
         f"{best.step} ({n} evaluation{'s' * (n != 1)})")
     if job.final == "best" and best.step != last:
         dd.barrier()  # rank 0 wrote the best state
-        kept = restore_best(out / BEST_DIR, model)
-        if kept["step"] != best.step:
-            raise RuntimeError(f"{out / BEST_DIR} holds step {kept['step']}, not the best step {best.step}; "
-                               f"re-run with --overwrite")
+        kept = json.loads((out / BEST_DIR / "best.json").read_text()) if (out / BEST_DIR / "best.json").is_file() \
+            else {"step": None}
+        if kept["step"] != best.step:  # e.g. a resumed run on a GPU that did not repeat the killed run's steps
+            say(f"{out / BEST_DIR} holds step {kept['step']}, not the best step {best.step}: the adapter written "
+                f"is the last one, step {last}")
+            return best, "last", False
+        restore_best(out / BEST_DIR, model)
         say(f"the adapter written is the best one, step {best.step} (--final last would write step {last})")
         return best, "best", True
     say(f"the adapter written is the {job.final} one, step {best.step if job.final == 'best' else last}")

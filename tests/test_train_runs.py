@@ -230,3 +230,27 @@ def test_final_last_writes_the_last_state_and_says_so(tmp_path, capsys, one_thre
     assert json.loads((tmp_path / "out" / "adapter" / "loralab.json").read_text())["step"] == 6
     metrics = evaluate_file(result["adapter_dir"], data / "eval.jsonl", progress=False, say=lambda *a: None)
     assert metrics["loss"] == pytest.approx(history["evals"][-1]["loss"], abs=1e-6)
+
+
+def test_the_best_state_is_restored_only_if_it_is_the_best_steps(tmp_path):
+    """A kept best state of another step (a resumed run that did not repeat the killed run's steps exactly,
+    as on a GPU) is not passed off as the best: the last state is written and the output says why."""
+    from loralab.run_log import save_best
+    from loralab.train_job import _final_adapter
+    from loralab.trainer import History
+    model = tiny_bert_classifier()
+    job = TrainJob(data="d.jsonl", metric_for_best="loss", eval_every=2)
+    history = History(evals=[{"step": 2, "loss": 0.4}, {"step": 4, "loss": 0.5}, {"step": 6, "loss": 0.6}],
+                      total_steps=6)
+    said = []
+    save_best(tmp_path / BEST_DIR, model, 4, "loss", 0.5)
+    best, final, restored = _final_adapter(job, model, history, tmp_path, said.append)
+    assert (best.step, final, restored) == (2, "last", False) and "holds step 4, not the best step 2" in said[-1]
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_best(tmp_path / BEST_DIR, model, 2, "loss", 0.4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert _final_adapter(job, model, history, tmp_path, said.append)[1:] == ("best", True)
+    assert all(torch.equal(p, state[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert "the adapter written is the best one, step 2 (--final last would write step 6)" in said[-1]
