@@ -41,7 +41,7 @@ chromium:
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium; }
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/loralab train
+	$(VENV)/bin/loralab train --overwrite   # a rerun replaces its own runs/train
 
 tour: $(VENV)/.installed
 	$(VENV)/bin/loralab demo

@@ -129,16 +129,17 @@ def _generate(model, tokenizer, records, max_new_tokens, temperature, seed, bar)
         if not isinstance(prompt, str):
             raise ValueError(f"data, line {record.get('_line', '?')}: a causal-lm prediction needs a 'prompt' "
                              f"(or 'text') string; found fields {sorted(k for k in record if k != '_line')}")
-        ids = torch.tensor([bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)
-        new = []
-        for _ in range(max_new_tokens):     # no KV cache: prompts and completions here are short
-            logits = model(input_ids=ids).logits[0, -1].float()                        # (V,)
+        ids = torch.tensor([bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]], device=device)  # 1, T
+        new, past = [], None
+        for _ in range(max_new_tokens):     # the prompt once, then one token at a time with the KV cache
+            step = model(input_ids=ids, past_key_values=past, use_cache=True)
+            logits, past = step.logits[0, -1].float(), step.past_key_values                # (V,)
             token = int(logits.argmax()) if temperature == 0 else \
                 int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
             if token == eos:
                 break
             new.append(token)
-            ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
+            ids = torch.tensor([[token]], device=device)
         out.append({"line": record.get("_line"), "prompt": prompt, "completion": tokenizer.decode(new),
                     "tokens": len(new)})
         if bar is not None:

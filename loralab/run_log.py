@@ -33,8 +33,8 @@ from .atomic import atomic_directory, atomic_write, atomic_write_text
 from .checkpoint import trainable_parameters
 
 __all__ = ["METRICS", "default_metric", "check_metric", "Best", "best_so_far", "RunLog", "RunRecorder", "read_log",
-           "save_best", "restore_best", "plot_curves", "prepare_out", "LOG_NAME", "CURVES_NAME", "BEST_DIR",
-           "RUN_FILES"]
+           "save_best", "restore_best", "plot_curves", "prepare_out", "remove_run", "LOG_NAME", "CURVES_NAME",
+           "BEST_DIR", "RUN_FILES"]
 
 METRICS = {"loss": "lower", "accuracy": "higher"}   # metric for the best evaluation -> which way is better
 LOG_NAME, CURVES_NAME = "log.jsonl", "curves.png"
@@ -205,11 +205,11 @@ def plot_curves(records: list[dict], path: str | Path, metric: str | None = None
 RUN_FILES = ("adapter", "checkpoints", "run.json", LOG_NAME, CURVES_NAME)   # what a run writes under --out
 
 
-def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) -> list[str]:
+def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False, *, remove: bool = True) -> list[str]:
     """Check that `out` may take a new run: an earlier run's files there are never deleted unless
-    overwrite (then exactly those files are removed; anything else in `out` stays).  resume continues the
-    run in `out`.  Returns the names removed."""
-    import shutil
+    overwrite, and then exactly those are removed (anything else in `out` stays); resume continues the run
+    in `out`.  Returns the names of the earlier run's files that are (remove=True) or are to be replaced
+    (remove=False: check now, remove_run later, once the new run is ready to start)."""
     out = Path(out)
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it; pass one of them")
@@ -221,7 +221,17 @@ def prepare_out(out: str | Path, resume: bool = False, overwrite: bool = False) 
     if not overwrite:
         raise ValueError(f"--out {out} holds an earlier run ({', '.join(found)}); pass --resume to continue it, "
                          f"--overwrite to replace it, or another --out")
-    for name in found:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if remove:
+        remove_run(out, found)
     return found
+
+
+def remove_run(out: str | Path, names: list[str]) -> None:
+    """Delete the entries `names` (from RUN_FILES) of `out`."""
+    import shutil
+    for name in names:
+        path = Path(out) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()

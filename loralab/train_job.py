@@ -34,7 +34,7 @@ from . import distributed as dd
 from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
 from .run_log import (BEST_DIR, CURVES_NAME, LOG_NAME, METRICS, RunRecorder, best_so_far, check_metric,
-                      default_metric, plot_curves, prepare_out, read_log, restore_best)
+                      default_metric, plot_curves, prepare_out, read_log, remove_run, restore_best)
 from .cli_args import (bool_or_choice, finite_float, fraction, index_list, name_list, nonnegative_int,
                        pattern_map, positive_float, positive_int, target_list)
 from .config import BIAS_CHOICES, INIT_CHOICES, LoraConfig
@@ -324,11 +324,8 @@ def run_train_job(job: TrainJob, say=print) -> dict:
     model_dir = job.model or bundled_model_dir()
     dd.setup()  # under torchrun every process runs the job; only rank 0 writes files
     main = dd.is_main()
-    removed = prepare_out(out, job.resume, job.overwrite) if main else []  # an earlier run is refused first
-    dd.barrier()
+    replaced = prepare_out(out, job.resume, job.overwrite, remove=False)  # an earlier run is refused first
     say(f"model: {model_dir}\ndata:  {job.data} (task {task})")
-    if removed:
-        say(f"--overwrite: removed the earlier run in {out} ({', '.join(removed)})")
     train_records, eval_records, eval_source = _load_data(job, say)
     seed_everything(job.seed)
     labels = label_names(train_records) if task == "classify" else None
@@ -354,6 +351,11 @@ def run_train_job(job: TrainJob, say=print) -> dict:
     say(_stats_line("before training", stats_before))
     say(f"\nheld-out before training: {_metric_text(before)}")
     _say_resume(out / "checkpoints", job.resume, say)
+    if replaced:  # only now that data and model are loaded: a failing --overwrite run leaves the earlier one
+        if main:
+            remove_run(out, replaced)
+        dd.barrier()
+        say(f"--overwrite: removed the earlier run in {out} ({', '.join(replaced)})")
     recorder = RunRecorder(out, job.best_metric, job.early_stopping_patience, keep_best=job.final == "best")
     history = train(model, train_data, eval_data, tconfig, on_step=recorder.on_step, on_eval=recorder.on_eval)
     best, final, restored = _final_adapter(job, model, history, out, say)
@@ -431,10 +433,13 @@ def _final_adapter(job: TrainJob, model: nn.Module, history, out: Path, say):
         f"{best.step} ({n} evaluation{'s' * (n != 1)})")
     if job.final == "best" and best.step != last:
         dd.barrier()  # rank 0 wrote the best state
-        kept = restore_best(out / BEST_DIR, model)
-        if kept["step"] != best.step:
-            raise RuntimeError(f"{out / BEST_DIR} holds step {kept['step']}, not the best step {best.step}; "
-                               f"re-run with --overwrite")
+        kept = json.loads((out / BEST_DIR / "best.json").read_text()) if (out / BEST_DIR / "best.json").is_file() \
+            else {"step": None}
+        if kept["step"] != best.step:  # e.g. a resumed run on a GPU that did not repeat the killed run's steps
+            say(f"{out / BEST_DIR} holds step {kept['step']}, not the best step {best.step}: the adapter written "
+                f"is the last one, step {last}")
+            return best, "last", False
+        restore_best(out / BEST_DIR, model)
         say(f"the adapter written is the best one, step {best.step} (--final last would write step {last})")
         return best, "best", True
     say(f"the adapter written is the {job.final} one, step {best.step if job.final == 'best' else last}")

@@ -102,7 +102,7 @@ def _check_int(name: str, value, hint: str) -> None:
 class History:
     """Per-step training records and evaluation results; `stopped_early` says training ended early."""
     steps: list = field(default_factory=list)     # {"step", "epoch", "loss", "lr", "grad_norm", ".._per_s"}
-    evals: list = field(default_factory=list)     # {"step", "loss", "accuracy" (classify)}
+    evals: list = field(default_factory=list)     # {"step", "loss", "accuracy" | "perplexity"}
     resumed_from: int | None = None
     checkpoint: str | None = None                 # the newest checkpoint written
     total_steps: int = 0

@@ -204,3 +204,8 @@ def test_sigkilled_run_resumes_to_the_same_adapter_bit_for_bit(tmp_path):
     assert set(a) == set(b) and any("classifier" in k for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed adapter differs from the uninterrupted run"
     assert result["accuracy_after"] == json.loads(reference.stdout)["accuracy_after"]
+    # log.jsonl: the steps the resumed run repeated are logged once, with the uninterrupted run's losses
+    from loralab.run_log import read_log
+    ref_steps, steps = ([r for r in read_log(d / "log.jsonl") if r["kind"] == "step"] for d in (tmp_path / "ref", out))
+    assert [r["step"] for r in steps] == list(range(1, 181))
+    assert [r["loss"] for r in steps] == [r["loss"] for r in ref_steps]

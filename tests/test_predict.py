@@ -6,7 +6,6 @@ import io
 import json
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -168,6 +167,9 @@ def test_eval_causal_lm_end_to_end_loss_and_perplexity(causal_run):
     assert out["loss"] == pytest.approx(run["loss_after"], rel=1e-5)      # batching does not change the mean
     assert out["perplexity"] == pytest.approx(math.exp(out["loss"])) and "accuracy" not in out
     assert run["metric_for_best"] == "loss" and run["final"] == "best"
+    evals = [json.loads(line) for line in open(run["log_file"]) if '"eval"' in line]
+    assert [e["step"] for e in evals] == [3, 6] and all(e["perplexity"] == pytest.approx(math.exp(e["loss"]))
+                                                        for e in evals)
 
 
 def test_errors_name_the_fix(tmp_path, capsys):

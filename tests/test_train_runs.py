@@ -2,7 +2,6 @@
 in --out, and the adapter directory as PEFT and `loralab predict` / `loralab eval` read it."""
 
 import json
-import math
 import sys
 
 import pytest
@@ -177,6 +176,8 @@ def test_an_earlier_run_in_out_is_refused_kept_resumed_or_replaced(tmp_path):
     assert prepare_out(out, overwrite=True) == ["adapter", "run.json"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]     # only the run's own files go
     assert prepare_out(tmp_path / "new") == [] and prepare_out(out) == []
+    (out / "curves.png").write_bytes(b"png")
+    assert prepare_out(out, overwrite=True, remove=False) == ["curves.png"] and (out / "curves.png").is_file()
 
 
 def test_train_refuses_an_earlier_run_before_loading_anything(tmp_path, capsys):
@@ -190,8 +191,8 @@ def test_train_refuses_an_earlier_run_before_loading_anything(tmp_path, capsys):
     error = json.loads(capsys.readouterr().out)["error"]
     assert "holds an earlier run (checkpoints, log.jsonl)" in error and "--overwrite" in error
     assert (out / "log.jsonl").read_text() == '{"kind": "step", "step": 1}\n'          # nothing deleted
-    assert main([*argv, "--overwrite"]) == 2                                           # removed, then no data
-    assert "none.jsonl" in json.loads(capsys.readouterr().out)["error"] and not (out / "log.jsonl").exists()
+    assert main([*argv, "--overwrite"]) == 2                                    # no data: nothing replaced
+    assert "none.jsonl" in json.loads(capsys.readouterr().out)["error"] and (out / "log.jsonl").is_file()
 
 
 @pytest.fixture
@@ -208,18 +209,48 @@ def test_final_last_writes_the_last_state_and_says_so(tmp_path, capsys, one_thre
     from loralab.predict import evaluate_file
     from test_train_cli import tiny_classifier_dir, write_travel_files
     model_dir, data = tiny_classifier_dir(tmp_path / "model"), write_travel_files(tmp_path / "data", 48, 16)
-    code = main(["train", "--json", "--model", str(model_dir), "--data", str(data / "train.jsonl"), "--eval-data",
-                 str(data / "eval.jsonl"), "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "8",
-                 "--lr", "3e-2", "--r", "4", "--target-modules", "query,value", "--skip-head-only", "--no-progress",
-                 "--eval-every", "2", "--metric-for-best", "loss", "--final", "last"])
+    argv = ["train", "--json", "--model", str(model_dir), "--data", str(data / "train.jsonl"), "--eval-data",
+            str(data / "eval.jsonl"), "--out", str(tmp_path / "out"), "--epochs", "1", "--batch-size", "8",
+            "--lr", "3e-2", "--r", "4", "--target-modules", "query,value", "--skip-head-only", "--no-progress",
+            "--eval-every", "2", "--metric-for-best", "loss", "--final", "best"]
+    assert main(argv) == 0                                     # an earlier run (--final best), then the rerun:
+    assert (tmp_path / "out" / BEST_DIR).is_dir()
+    assert main(argv[:-1] + ["last"]) == 2                     # refused ...
+    assert "holds an earlier run" in capsys.readouterr().err
+    code = main(argv[:-1] + ["last", "--overwrite"])            # ... or replaced
     captured = capsys.readouterr()
+    assert "--overwrite: removed the earlier run" in captured.err
     assert code == 0, captured.err
     result = json.loads(captured.out)
     history = json.loads((tmp_path / "out" / "run.json").read_text())["history"]
     assert result["best_step"] < 6 and (result["final"], result["final_step"]) == ("last", 6)   # best != last
     assert "the adapter written is the last one, step 6" in captured.err
-    assert not (tmp_path / "out" / BEST_DIR).exists()                 # --final last keeps no best state
+    assert not (tmp_path / "out" / BEST_DIR).exists()      # replaced: --final last keeps no best state
     assert result["loss_after"] == history["evals"][-1]["loss"]
     assert json.loads((tmp_path / "out" / "adapter" / "loralab.json").read_text())["step"] == 6
     metrics = evaluate_file(result["adapter_dir"], data / "eval.jsonl", progress=False, say=lambda *a: None)
     assert metrics["loss"] == pytest.approx(history["evals"][-1]["loss"], abs=1e-6)
+
+
+def test_the_best_state_is_restored_only_if_it_is_the_best_steps(tmp_path):
+    """A kept best state of another step (a resumed run that did not repeat the killed run's steps exactly,
+    as on a GPU) is not passed off as the best: the last state is written and the output says why."""
+    from loralab.run_log import save_best
+    from loralab.train_job import _final_adapter
+    from loralab.trainer import History
+    model = tiny_bert_classifier()
+    job = TrainJob(data="d.jsonl", metric_for_best="loss", eval_every=2)
+    history = History(evals=[{"step": 2, "loss": 0.4}, {"step": 4, "loss": 0.5}, {"step": 6, "loss": 0.6}],
+                      total_steps=6)
+    said = []
+    save_best(tmp_path / BEST_DIR, model, 4, "loss", 0.5)
+    best, final, restored = _final_adapter(job, model, history, tmp_path, said.append)
+    assert (best.step, final, restored) == (2, "last", False) and "holds step 4, not the best step 2" in said[-1]
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    save_best(tmp_path / BEST_DIR, model, 2, "loss", 0.4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert _final_adapter(job, model, history, tmp_path, said.append)[1:] == ("best", True)
+    assert all(torch.equal(p, state[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert "the adapter written is the best one, step 2 (--final last would write step 6)" in said[-1]
