@@ -51,7 +51,9 @@ def run_one(task: str, lr: float, epochs: int, ratio: float, seed: int, head_onl
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one row per (lr, epochs, ratio), accuracy per task (mean over seeds), margin over head-only."""
+    """Markdown: one row per (lr, epochs, ratio), held-out accuracy per task (mean over seeds) with its margin
+    over the head-only baseline of the same epochs (mean over its seeds), the smallest margin, wall-clock
+    seconds per run."""
     head = {}
     for r in rows:
         if r["head_only"] is not None:
@@ -60,10 +62,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells.setdefault((r["lr"], r["epochs"], r["ratio"]), {}).setdefault(r["task"], []).append(r)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    lines = ["| lr | epochs | LoRA+ ratio | " + " | ".join(TASKS) + " | min margin over head-only | s / run |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in TASKS) + " | --- | --- |"]
+    lines = ["| lr | epochs | LoRA+ ratio | seeds | " + " | ".join(TASKS) + " | min margin over head-only | s / run |",
+             "| --- | --- | --- | --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | ---: |"]
     for (lr, epochs, ratio), by_task in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
-        accs, margins, secs = [], [], []
+        accs, margins, secs, seeds = [], [], [], set()
         for task in TASKS:
             runs = by_task.get(task)
             if not runs:
@@ -71,14 +73,16 @@ def table(rows: list[dict]) -> str:
                 continue
             acc = mean([r["accuracy"] for r in runs])
             base = head.get((task, epochs))
-            accs.append(f"{acc:.3f}")
+            accs.append(f"{acc:.3f}" + (f" ({acc - mean(base):+.3f})" if base else ""))
             if base:
                 margins.append(acc - mean(base))
             secs += [r["seconds"] for r in runs]
+            seeds |= {r["seed"] for r in runs}
         margin = f"{min(margins):+.3f}" if len(margins) == len(TASKS) else "–"
-        lines.append(f"| {lr:g} | {epochs} | {ratio:g} | " + " | ".join(accs) + f" | {margin} | {mean(secs):.0f} |")
+        lines.append(f"| {lr:g} | {epochs} | {ratio:g} | {len(seeds)} | " + " | ".join(accs)
+                     + f" | {margin} | {mean(secs):.0f} |")
     for epochs in sorted({e for _, e in head}):
-        lines.append(f"| head only (lr 1e-2) | {epochs} | – | "
+        lines.append(f"| head only (lr 1e-2) | {epochs} | – | | "
                      + " | ".join(f"{mean(head[(t, epochs)]):.3f}" if (t, epochs) in head else "–" for t in TASKS)
                      + " | | |")
     return "\n".join(lines)
