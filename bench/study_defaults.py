@@ -5,10 +5,12 @@ MiniLM-L6 (the general defaults: LoRA r=16, alpha 32 on all-linear, batch 16, wa
 lr x epochs x LoRA+ ratio from the grid; the head-only baseline is the comparison the tool prints (only the
 classifier head trains, lr 1e-2, the same epochs).  One seed per cell unless --seeds says more.
 
-    python bench/study_defaults.py --skip 2e-4:15      # the grid of BENCHMARKS.md: lr {2e-4,1e-3,2e-3} x epochs
-                                                        #   {3,8,15} x ratio {1,16} on 3 tasks, but lr 2e-4 x 15 epochs
-    python bench/study_defaults.py --lr 1e-3 --epochs 8 --ratio 16 --seeds 0,1,2   # one cell, 3 seeds
+    python bench/study_defaults.py                       # the whole grid: lr {2e-4,1e-3,2e-3} x epochs {3,8,15}
+                                                         #   x ratio {1,16} on the 3 tasks (long: about 3 h here)
+    python bench/study_defaults.py --cells 1e-3:3:1 --seeds 0,1    # chosen cells (lr:epochs:ratio), 2 seeds
+    python bench/study_defaults.py --table-only          # the table of the runs recorded so far
 
+BENCHMARKS.md ("Defaults for small classification data") lists the subset that was run and its commands.
 Writes a JSON line per run to --out (default runs/study_defaults.jsonl, appended) and prints the table
 (markdown) on stdout.
 """
