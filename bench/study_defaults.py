@@ -5,10 +5,12 @@ MiniLM-L6 (the general defaults: LoRA r=16, alpha 32 on all-linear, batch 16, wa
 lr x epochs x LoRA+ ratio from the grid; the head-only baseline is the comparison the tool prints (only the
 classifier head trains, lr 1e-2, the same epochs).  One seed per cell unless --seeds says more.
 
-    python bench/study_defaults.py --skip 2e-4:15      # the grid of BENCHMARKS.md: lr {2e-4,1e-3,2e-3} x epochs
-                                                        #   {3,8,15} x ratio {1,16} on 3 tasks, but lr 2e-4 x 15 epochs
-    python bench/study_defaults.py --lr 1e-3 --epochs 8 --ratio 16 --seeds 0,1,2   # one cell, 3 seeds
+    python bench/study_defaults.py                       # the whole grid: lr {2e-4,1e-3,2e-3} x epochs {3,8,15}
+                                                         #   x ratio {1,16} on the 3 tasks (long: about 3 h here)
+    python bench/study_defaults.py --cells 1e-3:3:1 --seeds 0,1    # chosen cells (lr:epochs:ratio), 2 seeds
+    python bench/study_defaults.py --table-only          # the table of the runs recorded so far
 
+BENCHMARKS.md ("Defaults for small classification data") lists the subset that was run and its commands.
 Writes a JSON line per run to --out (default runs/study_defaults.jsonl, appended) and prints the table
 (markdown) on stdout.
 """
@@ -51,7 +53,9 @@ def run_one(task: str, lr: float, epochs: int, ratio: float, seed: int, head_onl
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown: one row per (lr, epochs, ratio), accuracy per task (mean over seeds), margin over head-only."""
+    """Markdown: one row per (lr, epochs, ratio), held-out accuracy per task (mean over seeds) with its margin
+    over the head-only baseline of the same epochs (mean over its seeds), the smallest margin, wall-clock
+    seconds per run."""
     head = {}
     for r in rows:
         if r["head_only"] is not None:
@@ -60,10 +64,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells.setdefault((r["lr"], r["epochs"], r["ratio"]), {}).setdefault(r["task"], []).append(r)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-    lines = ["| lr | epochs | LoRA+ ratio | " + " | ".join(TASKS) + " | min margin over head-only | s / run |",
-             "| --- | --- | --- | " + " | ".join("---" for _ in TASKS) + " | --- | --- |"]
+    lines = ["| lr | epochs | LoRA+ ratio | seeds | " + " | ".join(TASKS) + " | min margin over head-only | s / run |",
+             "| --- | --- | --- | --- | " + " | ".join("---:" for _ in TASKS) + " | ---: | ---: |"]
     for (lr, epochs, ratio), by_task in sorted(cells.items(), key=lambda kv: (kv[0][1], kv[0][0], kv[0][2])):
-        accs, margins, secs = [], [], []
+        accs, margins, secs, seeds = [], [], [], set()
         for task in TASKS:
             runs = by_task.get(task)
             if not runs:
@@ -71,14 +75,16 @@ def table(rows: list[dict]) -> str:
                 continue
             acc = mean([r["accuracy"] for r in runs])
             base = head.get((task, epochs))
-            accs.append(f"{acc:.3f}")
+            accs.append(f"{acc:.3f}" + (f" ({acc - mean(base):+.3f})" if base else ""))
             if base:
                 margins.append(acc - mean(base))
             secs += [r["seconds"] for r in runs]
+            seeds |= {r["seed"] for r in runs}
         margin = f"{min(margins):+.3f}" if len(margins) == len(TASKS) else "–"
-        lines.append(f"| {lr:g} | {epochs} | {ratio:g} | " + " | ".join(accs) + f" | {margin} | {mean(secs):.0f} |")
+        lines.append(f"| {lr:g} | {epochs} | {ratio:g} | {len(seeds)} | " + " | ".join(accs)
+                     + f" | {margin} | {mean(secs):.0f} |")
     for epochs in sorted({e for _, e in head}):
-        lines.append(f"| head only (lr 1e-2) | {epochs} | – | "
+        lines.append(f"| head only (lr 1e-2) | {epochs} | – | | "
                      + " | ".join(f"{mean(head[(t, epochs)]):.3f}" if (t, epochs) in head else "–" for t in TASKS)
                      + " | | |")
     return "\n".join(lines)
