@@ -27,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loralab.train_job import DATA_DIR, TrainJob, run_train_job  # noqa: E402
+from loralab.train_job import DATA_DIR, TrainJob  # noqa: E402
+from loralab.train_run import run_train_job  # noqa: E402
 
 TASKS = ("reviews", "questions", "support")
 

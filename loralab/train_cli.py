@@ -170,5 +170,5 @@ def _file_value(path: Path, key: str, value):
 
 
 def run_from_args(args: argparse.Namespace, say) -> dict:
-    from .train_job import run_train_job
+    from .train_run import run_train_job
     return run_train_job(resolve(args), say)

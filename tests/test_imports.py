@@ -5,7 +5,7 @@ import sys
 
 CORE = ["loralab.config", "loralab.base", "loralab.functional", "loralab.layer", "loralab.inject",
         "loralab.routing", "loralab.merging"]
-HEAVY = ["loralab.trainer", "loralab.train", "loralab.train_job", "loralab.dataset", "loralab.save", "loralab.load",
+HEAVY = ["loralab.trainer", "loralab.train", "loralab.train_job", "loralab.train_run", "loralab.dataset", "loralab.save", "loralab.load",
          "loralab.adapter_file", "loralab.cli", "transformers", "safetensors"]
 
 

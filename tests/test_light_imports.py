@@ -19,7 +19,7 @@ import pytest
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "loralab"
 HIDDEN = ("torch", "matplotlib", "transformers")
-HEAVY = ("torch", "matplotlib", "transformers", "safetensors", "loralab.trainer", "loralab.train_job",
+HEAVY = ("torch", "matplotlib", "transformers", "safetensors", "loralab.trainer", "loralab.train_job", "loralab.train_run",
          "loralab.train_cli", "loralab.checkpoint", "loralab.dataset", "loralab.hf", "loralab.layer",
          "loralab.inject", "loralab.files", "loralab.save", "loralab.load", "loralab.adapter_file", "loralab.merge",
          "loralab.merging")

@@ -163,7 +163,7 @@ def test_merge_difference_is_the_real_output_gap_and_leaves_the_model_unmerged(d
     from transformers import BertConfig, BertForSequenceClassification
     from loralab import LoraConfig, add_lora
     from loralab.dataset import TokenizedData
-    from loralab.train_job import merge_difference
+    from loralab.train_run import merge_difference
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                                      num_attention_heads=4, vocab_size=101, num_labels=3))

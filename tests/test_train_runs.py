@@ -236,7 +236,7 @@ def test_the_best_state_is_restored_only_if_it_is_the_best_steps(tmp_path):
     """A kept best state of another step (a resumed run that did not repeat the killed run's steps exactly,
     as on a GPU) is not passed off as the best: the last state is written and the output says why."""
     from loralab.run_log import save_best
-    from loralab.train_job import _final_adapter
+    from loralab.train_run import _final_adapter
     from loralab.trainer import History
     model = tiny_bert_classifier()
     job = TrainJob(data="d.jsonl", metric_for_best="loss", eval_every=2)
