@@ -169,18 +169,13 @@ def loss_agreement() -> dict[str, float]:
     """Dropout 0, identical adapters with nonzero B: the mean loss and LoRA gradients of both loralab paths,
     and PEFT's model(labels=...).loss."""
     from bench_inference import _nonzero_b, reference_model
-    from loralab.inject import lora_layers
+    from bench_train import copy_into_peft
     from loralab.loss import causal_lm_loss_sum
     from loralab.trainer import _loss_sum, _targets
     base = reference_model()
     ours, theirs = build("loralab", base, dropout=0.0), build("PEFT", base, dropout=0.0)
     _nonzero_b(ours)
-    peft_params = dict(theirs.named_parameters())
-    with torch.no_grad():
-        for path, layer in lora_layers(ours).items():
-            for name in ("lora_A", "lora_B"):
-                peft_params[f"base_model.model.{path}.{name}.default.weight"].copy_(
-                    getattr(layer.adapters["default"], name))
+    copy_into_peft(ours, theirs)
     ids = batch(1)
     params = [p for p in ours.parameters() if p.requires_grad]
     fused, count = causal_lm_loss_sum(ours, {"input_ids": ids}, ids)

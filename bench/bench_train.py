@@ -148,7 +148,7 @@ def time_steps(rounds: int = 8, warmup: int = 2, bf16_rounds: int = 3) -> dict[s
 
 
 def copy_into_peft(ours, theirs) -> None:
-    """PEFT's adapters set to loralab's initial ones (same A; B is zero in both)."""
+    """PEFT's adapters set to loralab's (A and B of every layer)."""
     from loralab.inject import lora_layers
     peft_params = dict(theirs.named_parameters())
     with torch.no_grad():
