@@ -108,7 +108,7 @@ def adapter_factors(config: LoraConfig, tensors: dict) -> dict[str, tuple[torch.
         else:
             out[path] = (got["A"], got["B"], lora_scaling(r, alpha, config.use_rslora))
     if bad:
-        raise ValueError(f"the adapter's factors do not fit its config: " + "; ".join(bad[:6]))
+        raise ValueError("the adapter's factors do not fit its config: " + "; ".join(bad[:6]))
     return out
 
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn

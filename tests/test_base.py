@@ -5,10 +5,9 @@ import torch
 from torch import nn
 
 from conftest import tiny_llama
-from loralab import LoraConfig, add_lora, load_adapter, merge, save_adapter, set_adapter
+from loralab import LoraConfig, add_lora, load_adapter, merge, save_adapter
 from loralab.base import DenseBase, FrozenBase, frozen_base
 from loralab.inject import lora_layers, set_module
-from loralab.layer import LoRALinear
 
 
 class Int8Linear(nn.Module):

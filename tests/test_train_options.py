@@ -186,7 +186,6 @@ def test_quantize_nf4_trains_adapters_over_a_4_bit_base(tmp_path, capsys):
 def test_quantize_nf4_puts_every_adapted_base_in_4_bits():
     from loralab import add_lora
     from loralab.inject import lora_layers
-    from loralab.quant import NF4Linear
     job = job_of("--quantize", "nf4", "--target-modules", "query,key,value,dense")
     model = add_lora(_tiny_bert(), lora_config(job, ["classifier"]), quantize=job.quantize)
     bases = [layer.base_layer for layer in lora_layers(model).values()]
