@@ -143,6 +143,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
                    help=f"largest max_tokens accepted (default {C.max_tokens}; larger: 400)")
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a --host other machines can reach without an API key")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default: torch's)")
 
 
 def _serve_run(args, say) -> None:
@@ -153,7 +154,7 @@ def _serve_run(args, say) -> None:
                          port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                          workers=args.workers, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                         allow_remote=args.allow_remote)
+                         allow_remote=args.allow_remote, threads=args.threads)
     serve(config, json_out=args.json, say=say)
     return None  # with --json, serve() printed {"url": ...} when the server came up
 

@@ -10,9 +10,10 @@ equals running each row alone with set_adapter(model, name) (or disable_lora for
 summation order, and gradients flow to every adapter used (one batch can train several adapters).  Each LoRA
 layer picks one of two paths per forward:
 
-  grouped rows (each adapter's rows contiguous, e.g. sorted by adapter): SGMV-style, one pair of matmuls
-      per segment with that adapter's own factors (functional.add_lora_linear_segments);
-  any order: BGMV-style, the adapters stacked into a zero-padded bank (exact) and gathered per row, one
+  grouped rows (each adapter's rows contiguous, e.g. sorted by adapter, segments of MIN_SEGMENT_ROWS rows
+      or more on average): SGMV-style, one pair of matmuls per segment with that adapter's own factors
+      (functional.add_lora_linear_segments);
+  otherwise: BGMV-style, the adapters stacked into a zero-padded bank (exact) and gathered per row, one
       batched matmul per factor (functional.lora_linear_rows).
 
 Bank cache: when no gradient is needed (inference), the bank of *all* of a layer's adapters is stacked once
@@ -39,6 +40,8 @@ from .layer import LoRALinear
 from .saved import saved_modules
 
 __all__ = ["adapter_rows", "RowPlan", "forward_with_adapters", "accept_adapter_names", "layer_bank"]
+
+MIN_SEGMENT_ROWS = 2   # grouped rows take the segment path when segments average at least this many rows
 
 
 def _bank_key(adapters) -> tuple:
@@ -73,7 +76,10 @@ class RowPlan:
         slot = {n: i for i, n in enumerate(used)}
         slots = [slot.get(n, -1) for n in names]
         self.idx = torch.tensor(slots, dtype=torch.long, device=layer.base.device)
-        self.segments = None if layer.embedding else LF.row_segments(slots)
+        segments = None if layer.embedding else LF.row_segments(slots)
+        # one matmul pair per segment pays off when segments hold several rows; one row per adapter is
+        # cheaper as one gathered batched matmul
+        self.segments = segments if segments is not None and len(segments) * MIN_SEGMENT_ROWS <= len(slots) else None
         self._bank_idx = None  # (bank key, idx into the layer's whole bank)
         dropouts = {a.lora_dropout for a in self.adapters}
         if layer.training and len(dropouts) > 1:

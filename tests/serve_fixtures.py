@@ -1,6 +1,8 @@
 """Tiny served models for the serve tests: a random-weight Llama saved with save_pretrained, N adapters saved
 to directories, and the reference answer of one request (set_adapter alone, transformers' own generate)."""
 
+import contextlib
+
 import torch
 
 from loralab import LoraConfig, add_lora, delete_adapter, load_adapter, save_adapter, set_adapter
@@ -48,14 +50,15 @@ def reference_model(model_dir, adapters: dict):
 
 
 def reference_completion(model, name, prompt, max_tokens):
-    """Greedy tokens of `prompt` alone through adapter `name` (None: the base), by transformers' generate."""
+    """Greedy tokens of `prompt` alone through adapter `name` (None: the base): set_adapter, then the whole
+    sequence again at every step (no padding, no cache, no routing: nothing the server's batching uses)."""
     from loralab import disable_lora
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
+    ids = list(prompt)
+    with torch.no_grad(), contextlib.ExitStack() as stack:
         if name is None:
-            with disable_lora(model):
-                out = model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
+            stack.enter_context(disable_lora(model))
         else:
             set_adapter(model, name)
-            out = model.generate(input_ids=ids, max_new_tokens=max_tokens, do_sample=False, pad_token_id=0)
-    return out[0, len(prompt):].tolist()
+        for _ in range(max_tokens):
+            ids.append(int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def create_app(service: Service):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "task": service.task}
+        return {"status": "ok", "task": service.task, "pid": os.getpid()}
 
     @app.get("/v1/models")
     async def models():

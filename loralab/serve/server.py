@@ -43,6 +43,7 @@ class ServeConfig:
     max_prompt_tokens: int = 2048
     max_tokens: int = 512
     allow_remote: bool = False
+    threads: int | None = None                    # torch threads per process (default: torch's)
 
     def __post_init__(self):
         if self.workers < 1:
@@ -82,6 +83,9 @@ def build_service(config: ServeConfig):
     from .app import Limits, Service
     from .engine import Engine
     from .registry import AdapterRegistry
+    if config.threads is not None:
+        import torch
+        torch.set_num_threads(config.threads)
     model = load_local_model(config.model)
     tokenizer = _tokenizer_or_none(config.model)
     cfg = model.config
@@ -117,6 +121,13 @@ def app_from_env():
     return create_app(build_service(config))
 
 
+def _healthcheck(config_class, seconds: int) -> dict:
+    """Give workers time to load the model before uvicorn's supervisor declares them dead (newer uvicorn)."""
+    import inspect
+    params = inspect.signature(config_class.__init__).parameters
+    return {"timeout_worker_healthcheck": seconds} if "timeout_worker_healthcheck" in params else {}
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -149,9 +160,10 @@ def serve(config: ServeConfig, *, json_out: bool = False, say=print) -> None:
         from uvicorn.supervisors import Multiprocess
         os.environ[CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
         uv = uvicorn.Config("loralab.serve.server:app_from_env", factory=True, fd=sock.fileno(),
-                            workers=config.workers, log_level="warning")
+                            workers=config.workers, log_level="warning", lifespan="off",
+                            **_healthcheck(uvicorn.Config, 300))
         announce()  # the socket already queues connections; each worker answers once its model is loaded
-        Multiprocess(uv, target=uvicorn.Server(uv).run, sockets=[sock]).run()
+        Multiprocess(uv, sockets=[sock]).run()
         return
     from .app import create_app
     service = build_service(config)
