@@ -25,6 +25,7 @@ import torch
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEQ = 128
+VOCAB = 32000
 
 
 def _reference_model():
@@ -46,6 +47,7 @@ def build(n_adapters: int):
     """(loralab model, PEFT model) with adapters a0..a{n-1} on the same base."""
     import peft
     from loralab import LoraConfig, add_lora
+    from loralab.inject import lora_layers
     base = _reference_model()
     ours = copy.deepcopy(base)
     for i in range(n_adapters):
@@ -54,7 +56,12 @@ def build(n_adapters: int):
     for i in range(1, n_adapters):
         theirs.add_adapter(f"a{i}", peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
     _randomize(ours, 0)
-    _randomize(theirs, 0)
+    with torch.no_grad():  # the same factors in both libraries
+        for path, layer in lora_layers(ours).items():
+            module = theirs.base_model.model.get_submodule(path)
+            for name, adapter in layer.adapters.items():
+                module.lora_A[name].weight.copy_(adapter.lora_A)
+                module.lora_B[name].weight.copy_(adapter.lora_B)
     return ours.eval(), theirs.eval()
 
 
@@ -77,7 +84,7 @@ def _ratio(a: list[float], b: list[float]) -> float:
 def measure(rows: int, n_adapters: int, rounds: int) -> dict:
     from loralab import set_adapter
     ours, theirs = build(n_adapters)
-    ids = torch.randint(0, 32000, (rows, SEQ), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (rows, SEQ), generator=torch.Generator().manual_seed(0))
     names = [f"a{i * n_adapters // rows}" for i in range(rows)]          # grouped, as the server sorts them
     set_adapter(ours, "a0")
     theirs.set_adapter("a0")
@@ -85,9 +92,10 @@ def measure(rows: int, n_adapters: int, rounds: int) -> dict:
                 "loralab mixed": lambda: ours(input_ids=ids, adapter_names=names),
                 "PEFT single": lambda: theirs(input_ids=ids),
                 "PEFT mixed": lambda: theirs(input_ids=ids, adapter_names=names)}
+    pair, pair_names = ids[[0, -1]], [names[0], names[-1]]   # two rows, two different adapters
     with torch.inference_mode():  # the mixed batch is the same computation in both libraries
-        diff = (ours(input_ids=ids[:2], adapter_names=names[:2]).logits
-                - theirs(input_ids=ids[:2], adapter_names=names[:2]).logits).abs().max().item()
+        diff = (ours(input_ids=pair, adapter_names=pair_names).logits
+                - theirs(input_ids=pair, adapter_names=pair_names).logits).abs().max().item()
     times = _time(variants, rounds)
     return {"rows": rows, "adapters": n_adapters, "rounds": rounds, "max_abs_diff_vs_peft": diff,
             "ms": {k: statistics.median(v) * 1000 for k, v in times.items()},

@@ -42,7 +42,10 @@ class Sampling:
         if self.temperature == 0:
             return None
         g = torch.Generator()
-        return g.manual_seed(self.seed) if self.seed is not None else g.seed() and g
+        if self.seed is None:
+            g.seed()   # a fresh random seed
+            return g
+        return g.manual_seed(self.seed)
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sequence[Sampling], generators: Sequence) -> list[int]:

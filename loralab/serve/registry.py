@@ -30,8 +30,9 @@ __all__ = ["AdapterRegistry", "ServeError", "check_adapter_name"]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$")
 
 
-class ServeError(Exception):
-    """A request the server refuses: an HTTP status and a message that says what to change."""
+class ServeError(ValueError):
+    """A request the server refuses: an HTTP status and a message that says what to change (a ValueError, so
+    a bad startup option reaches the CLI's error report)."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
         super().__init__(message)
