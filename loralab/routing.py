@@ -10,9 +10,10 @@ equals running each row alone with set_adapter(model, name) (or disable_lora for
 summation order, and gradients flow to every adapter used (one batch can train several adapters).  Each LoRA
 layer picks one of two paths per forward:
 
-  grouped rows (each adapter's rows contiguous, e.g. sorted by adapter, segments of MIN_SEGMENT_ROWS rows
-      or more on average): SGMV-style, one pair of matmuls per segment with that adapter's own factors
-      (functional.add_lora_linear_segments);
+  grouped rows (each adapter's rows contiguous, e.g. sorted by adapter): SGMV-style, one pair of matmuls
+      per segment with that adapter's own factors (functional.add_lora_linear_segments) -- with autograd
+      (no bank is stacked or gathered, so nothing of that size is kept for backward), and without it for
+      up to INFERENCE_SEGMENTS segments;
   otherwise: BGMV-style, the adapters stacked into a zero-padded bank (exact) and gathered per row, one
       batched matmul per factor (functional.lora_linear_rows).
 
@@ -23,6 +24,11 @@ or updating an adapter rebuilds it.  With gradients the bank of the adapters use
 forward, so an optimizer step inside the block is seen and autograd reaches each factor.  Modules to save run
 each row through that adapter's own copy.  A layer without the adapter a row names computes the base alone
 for that row, as that adapter alone would.
+
+Why inference prefers the bank beyond two segments: on CPU, each segment costs three small kernels per
+layer, and the gathered bank costs the same three kernels whatever the number of adapters; measured on the
+reference model (bench/bench_serve.py), 4 segments of 2 rows took up to 1.9x the single-adapter forward on a
+loaded machine, the cached bank about 1.0x.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from .saved import saved_modules
 
 __all__ = ["adapter_rows", "RowPlan", "forward_with_adapters", "accept_adapter_names", "layer_bank"]
 
-MIN_SEGMENT_ROWS = 2   # grouped rows take the segment path when segments average at least this many rows
+INFERENCE_SEGMENTS = 2   # without autograd, grouped rows in more segments than this take the cached bank
 
 
 def _bank_key(adapters) -> tuple:
@@ -76,10 +82,7 @@ class RowPlan:
         slot = {n: i for i, n in enumerate(used)}
         slots = [slot.get(n, -1) for n in names]
         self.idx = torch.tensor(slots, dtype=torch.long, device=layer.base.device)
-        segments = None if layer.embedding else LF.row_segments(slots)
-        # one matmul pair per segment pays off when segments hold several rows; one row per adapter is
-        # cheaper as one gathered batched matmul
-        self.segments = segments if segments is not None and len(segments) * MIN_SEGMENT_ROWS <= len(slots) else None
+        self.segments = None if layer.embedding else LF.row_segments(slots)
         self._bank_idx = None  # (bank key, idx into the layer's whole bank)
         dropouts = {a.lora_dropout for a in self.adapters}
         if layer.training and len(dropouts) > 1:
@@ -96,7 +99,7 @@ class RowPlan:
                              f"rows; routing follows the first dimension of each layer's input")
         grad = torch.is_grad_enabled() and (x.requires_grad or any(
             a.lora_A.requires_grad or a.lora_B.requires_grad for a in self.adapters))
-        if self.segments is not None:  # SGMV: rows grouped by adapter
+        if self.segments is not None and (grad or len(self.segments) <= INFERENCE_SEGMENTS):  # SGMV
             inplace = not grad and not layer.base_layer._forward_hooks
             return LF.add_lora_linear_segments(out, x, [(a.lora_A, a.lora_B) for a in self.adapters],
                                                [a.scaling for a in self.adapters], self.segments,

@@ -6,7 +6,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 from loralab import LoraConfig, add_lora, disable_lora, merge, set_adapter
 from loralab.inject import lora_layers
-from loralab.routing import adapter_rows
+from loralab.routing import adapter_rows, forward_with_adapters
 
 ROWS = ["a", None, "b", "a", "c"]          # any order: the stacked, gathered bank (BGMV)
 GROUPED = ["a", "a", None, "b", "c", "c"]   # each adapter's rows contiguous: one matmul pair per segment (SGMV)
@@ -44,7 +44,9 @@ CASES = [(tiny_llama, ["q_proj", "v_proj", "embed_tokens", "down_proj"], "lm_hea
 
 @pytest.mark.parametrize("rows", [ROWS, GROUPED])
 @pytest.mark.parametrize("build, targets, head", CASES)
-def test_each_row_equals_its_adapter_alone(build, targets, head, rows):
+def test_each_row_equals_its_adapter_alone(build, targets, head, rows, monkeypatch):
+    from loralab import routing
+    monkeypatch.setattr(routing, "INFERENCE_SEGMENTS", 8)   # the grouped rows take the segment path here too
     model = _model(build, targets, head)
     ids = torch.randint(0, 101, (len(rows), 6), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -138,6 +140,7 @@ def test_adapter_names_kwarg_forward_and_generate():
             expected = model(input_ids=ids).logits
         got = model(input_ids=ids, adapter_names=ROWS).logits
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
+        torch.testing.assert_close(forward_with_adapters(model, ROWS, input_ids=ids).logits, expected, atol=0, rtol=0)
         assert all(l.rows is None for l in lora_layers(model).values())
         gen = model.generate(input_ids=ids, adapter_names=ROWS, max_new_tokens=4, do_sample=False,
                              attention_mask=torch.ones_like(ids), pad_token_id=0)
