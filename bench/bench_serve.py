@@ -5,8 +5,8 @@ Reference model as in bench_inference (LlamaForCausalLM from a config: hidden 51
 
     single   the batch through one adapter (the ordinary active-adapter forward)
     mixed    row i through adapter names[i]: loralab `model(..., adapter_names=...)` (rows grouped by adapter,
-             as the server sends them: the segment path for 8 rows / 4 adapters, the gathered bank for 32
-             rows / 32 adapters), PEFT `model(..., adapter_names=...)`
+             as the server sends them; without autograd beyond two segments that is the cached, gathered
+             bank, see routing.py), PEFT `model(..., adapter_names=...)`
 
 Variants are timed round-robin so drift on the machine hits all alike; figures are medians of per-round
 ratios.  The machine is shared: its load average is reported with the figures.

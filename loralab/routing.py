@@ -34,7 +34,6 @@ loaded machine, the cached bank about 1.0x.
 from __future__ import annotations
 
 import contextlib
-import types
 from typing import Sequence
 
 import torch
@@ -166,17 +165,25 @@ def _post_hook(module, args, kwargs, output):
     return output
 
 
-def _generate_with_names(self, *args, adapter_names=None, **kwargs):
-    """generate(), with row i of the prompts (and every sequence decoded from it) through adapter_names[i]."""
-    generate = type(self).generate
-    if adapter_names is None:
-        return generate(self, *args, **kwargs)
-    config = kwargs.get("generation_config") or getattr(self, "generation_config", None)
-    beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
-    copies = beams if beams > 1 else kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
-    expanded = [n for n in adapter_names for _ in range(copies)]  # generate repeats each prompt row in place
-    with adapter_rows(self, expanded):
-        return generate(self, *args, **kwargs)
+class _GenerateWithNames:
+    """model.generate with adapter_names=: row i of the prompts (and every sequence decoded from it) through
+    adapter_names[i].  An object, not a bound function, so that pickling and deepcopy of the model keep it."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args, adapter_names=None, **kwargs):
+        model = self.model
+        generate = type(model).generate
+        if adapter_names is None:
+            return generate(model, *args, **kwargs)
+        config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+        copies = beams if beams > 1 else kwargs.get("num_return_sequences",
+                                                    getattr(config, "num_return_sequences", 1) or 1)
+        expanded = [n for n in adapter_names for _ in range(copies)]  # generate repeats each prompt row in place
+        with adapter_rows(model, expanded):
+            return generate(model, *args, **kwargs)
 
 
 def accept_adapter_names(model: nn.Module) -> nn.Module:
@@ -187,6 +194,6 @@ def accept_adapter_names(model: nn.Module) -> nn.Module:
     model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
     if callable(getattr(type(model), "generate", None)):
-        model.generate = types.MethodType(_generate_with_names, model)
+        model.generate = _GenerateWithNames(model)
     model.__dict__["_accepts_adapter_names"] = True
     return model

@@ -184,3 +184,18 @@ def test_bank_cache_reused_and_invalidated():
         assert len(layer_bank(layer)[3]) == 2
         expected = torch.cat([_alone(model, ids[i:i + 1], n) for i, n in enumerate(rows)])
         assert (got - expected).abs().max() <= 1e-5
+
+
+def test_a_model_that_accepts_adapter_names_pickles_and_copies():
+    import copy
+    import io
+    model = _model(tiny_llama, ["q_proj"], "lm_head")
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        assert clone.generate.model is clone
+        ids = torch.randint(0, 101, (2, 4), generator=torch.Generator().manual_seed(8))
+        with torch.no_grad():
+            torch.testing.assert_close(clone(input_ids=ids, adapter_names=["a", "b"]).logits,
+                                       model(input_ids=ids, adapter_names=["a", "b"]).logits)
