@@ -127,16 +127,21 @@ def _row_scales(scalings: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor
 
 
 def lora_linear_rows(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, scalings: torch.Tensor,
-                     idx: torch.Tensor, *, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+                     idx: torch.Tensor, *, dropout: float = 0.0, training: bool = False,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Row i of the batch through adapter idx[i] (-1: no adapter, a zero term).
 
     x: (batch, ..., in), A_bank: (n, r_max, in), B_bank: (n, out, r_max), scalings: (n,), idx: (batch,) long
-    -> (batch, ..., out) in the bank's dtype (or autocast's)."""
+    -> (batch, ..., out) in the bank's dtype (or autocast's).  out (no autograd; contiguous, the bank's
+    dtype): the base output, to which the terms are added in place and which is returned."""
     safe, scale = _row_scales(scalings, idx)
     x, drop = _adapter_input(x, A_bank.dtype, dropout, training, 1.0)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])                                   # (batch, T, in)
     h = torch.bmm(x3, A_bank[safe].transpose(1, 2))                               # (batch, T, r_max)
     h = h * (scale * drop).to(h.dtype)[:, None, None]
+    if out is not None:  # accumulate into the base output: no (batch, T, out) term is allocated
+        out.view(h.shape[0], h.shape[1], -1).baddbmm_(h, B_bank[safe].transpose(1, 2))
+        return out
     return torch.bmm(h, B_bank[safe].transpose(1, 2)).reshape(*x.shape[:-1], B_bank.shape[1])
 
 

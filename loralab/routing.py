@@ -110,6 +110,10 @@ class RowPlan:
         else:
             A_bank, B_bank, scalings, slot = layer_bank(layer)
             idx = self._whole_bank_idx(layer, slot)
+            if (not layer.embedding and not (layer.training and self.dropout)
+                    and not layer.base_layer._forward_hooks and out.is_contiguous()
+                    and out.dtype == A_bank.dtype and not torch.is_autocast_enabled(x.device.type)):
+                return LF.lora_linear_rows(x, A_bank, B_bank, scalings, idx, out=out)   # in place
         term = layer.rows_term(x, A_bank, B_bank, scalings, idx, self.dropout)
         return out + term.to(out.dtype)
 

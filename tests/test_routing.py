@@ -119,6 +119,9 @@ def test_segments_equal_gathered_bank_and_autograd():
     with torch.no_grad():  # in place into the base output
         inplace = LF.add_lora_linear_segments(out.clone(), x, factors, scalings, LF.row_segments(slots), inplace=True)
     assert (inplace - expected).abs().max() <= 1e-5
+    with torch.no_grad():  # the gathered bank, accumulated in place into the base output
+        banked = LF.lora_linear_rows(x, A_bank, B_bank, torch.tensor(scalings), torch.tensor(slots), out=out.clone())
+    assert (banked - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.parametrize("rows", [ROWS, GROUPED])
