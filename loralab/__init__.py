@@ -19,7 +19,7 @@ _EXPORTS = {
     "base": ["FrozenBase"],
     "inject": ["add_lora", "trainable_report", "disable_lora", "set_adapter", "delete_adapter", "list_adapters",
                "active_adapters", "find_targets"],
-    "routing": ["adapter_rows"],
+    "routing": ["adapter_rows", "forward_with_adapters", "accept_adapter_names"],
     "merging": ["merge", "unmerge", "merge_and_unload"],
     "adapter_file": ["read_adapter"],
     "save": ["save_adapter"],

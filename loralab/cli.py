@@ -120,6 +120,45 @@ def _explore_run(args, say) -> None:
     return None  # with --json, serve() already printed {"url": ...} when the server came up
 
 
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from .serve.server import API_KEY_ENV, ServeConfig as C
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="local transformers model directory "
+                   "(a causal LM for /v1/completions, or a sequence classifier for /v1/classify)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="an adapter to serve as model NAME (repeat for more)")
+    p.add_argument("--adapter-dir", action="append", default=[], metavar="ROOT",
+                   help="a directory POST /v1/adapters may load adapters from (repeat for more; none: off)")
+    p.add_argument("--max-loaded", type=positive_int, default=None, metavar="N",
+                   help="adapters resident at once; beyond, the least recently used is unloaded (default: all)")
+    p.add_argument("--host", default=C.host, help=f"address to listen on (default {C.host}, this machine only)")
+    p.add_argument("--port", type=nonnegative_int, default=C.port, help=f"port (default {C.port}; 0: a free one)")
+    p.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' (default: env {API_KEY_ENV})")
+    p.add_argument("--workers", type=positive_int, default=C.workers, help="server processes behind the port")
+    p.add_argument("--max-batch", type=positive_int, default=C.max_batch, help=f"rows per forward (default {C.max_batch})")
+    p.add_argument("--batch-wait-ms", type=nonnegative_float, default=C.batch_wait_ms,
+                   help=f"how long a request waits for others to share its forward (default {C.batch_wait_ms})")
+    p.add_argument("--max-prompt-tokens", type=positive_int, default=C.max_prompt_tokens,
+                   help=f"longest prompt accepted (default {C.max_prompt_tokens}; longer: 413)")
+    p.add_argument("--max-tokens", type=positive_int, default=C.max_tokens,
+                   help=f"largest max_tokens accepted (default {C.max_tokens}; larger: 400)")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="allow a --host other machines can reach without an API key")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default: torch's)")
+
+
+def _serve_run(args, say) -> None:
+    import os
+    from .serve.server import API_KEY_ENV, ServeConfig, parse_adapter_specs, serve
+    config = ServeConfig(model=args.model, adapters=parse_adapter_specs(args.adapter),
+                         adapter_dirs=tuple(args.adapter_dir), max_loaded=args.max_loaded, host=args.host,
+                         port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                         workers=args.workers, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
+                         max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
+                         allow_remote=args.allow_remote, threads=args.threads)
+    serve(config, json_out=args.json, say=say)
+    return None  # with --json, serve() printed {"url": ...} when the server came up
+
+
 def _train_args(p: argparse.ArgumentParser) -> None:
     from .train_cli import add_arguments
     add_arguments(p)
@@ -283,6 +322,8 @@ COMMANDS = {
                  _estimate_args, _estimate_run),
     "targets": ("which modules can take an adapter, and what each choice of target_modules costs",
                 _targets_args, _targets_run),
+    "serve": ("an OpenAI-style HTTP server for a base model and many adapters, batched together in one forward",
+              _serve_args, _serve_run),
     "explore": ("an interactive page on 127.0.0.1: truncate a matrix's SVD (synthetic, random, or an adapter's "
                 "layer) with a rank slider", _explore_args, _explore_run),
 }

@@ -15,6 +15,10 @@ or none (idx[i] = -1):
     A_bank (n, r_max, in), B_bank (n, out, r_max)     ranks below r_max are zero-padded, which is exact:
                                                       the padded rows of A and columns of B add 0
     term[i] = scalings[idx[i]] · B_bank[idx[i]] · A_bank[idx[i]] · x[i]       (batched matmuls, BGMV-style)
+
+When the rows are grouped by adapter (each adapter's rows contiguous, e.g. sorted), the batch is a few
+segments [start, end) of one adapter each and each segment is two plain matmuls with that adapter's own
+factors (no gather, no padding; SGMV-style, `row_segments` + `add_lora_linear_segments`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["lora_scaling", "delta_weight", "keep_mask", "lora_linear", "add_lora_linear", "lora_embedding",
-           "stack_factors", "lora_linear_rows", "lora_embedding_rows", "adapter_dtype"]
+           "stack_factors", "lora_linear_rows", "lora_embedding_rows", "adapter_dtype", "row_segments",
+           "add_lora_linear_segments"]
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
@@ -122,16 +127,21 @@ def _row_scales(scalings: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor
 
 
 def lora_linear_rows(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, scalings: torch.Tensor,
-                     idx: torch.Tensor, *, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+                     idx: torch.Tensor, *, dropout: float = 0.0, training: bool = False,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
     """Row i of the batch through adapter idx[i] (-1: no adapter, a zero term).
 
     x: (batch, ..., in), A_bank: (n, r_max, in), B_bank: (n, out, r_max), scalings: (n,), idx: (batch,) long
-    -> (batch, ..., out) in the bank's dtype (or autocast's)."""
+    -> (batch, ..., out) in the bank's dtype (or autocast's).  out (no autograd; contiguous, the bank's
+    dtype): the base output, to which the terms are added in place and which is returned."""
     safe, scale = _row_scales(scalings, idx)
     x, drop = _adapter_input(x, A_bank.dtype, dropout, training, 1.0)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])                                   # (batch, T, in)
     h = torch.bmm(x3, A_bank[safe].transpose(1, 2))                               # (batch, T, r_max)
     h = h * (scale * drop).to(h.dtype)[:, None, None]
+    if out is not None:  # accumulate into the base output: no (batch, T, out) term is allocated
+        out.view(h.shape[0], h.shape[1], -1).baddbmm_(h, B_bank[safe].transpose(1, 2))
+        return out
     return torch.bmm(h, B_bank[safe].transpose(1, 2)).reshape(*x.shape[:-1], B_bank.shape[1])
 
 
@@ -152,3 +162,46 @@ def lora_embedding_rows(ids: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.T
     h = h * scale.to(h.dtype)[:, None, None]
     term = torch.bmm(h, B_bank[safe].transpose(1, 2)).reshape(*ids.shape, B_bank.shape[1])
     return term if embed_scale is None else term * embed_scale.to(term.dtype)
+
+
+def row_segments(idx: Sequence[int]) -> list[tuple[int, int, int]] | None:
+    """The contiguous runs [(start, end, slot)] of a per-row slot list (rows of slot -1, no adapter, may be
+    anywhere and are left out), or None when some adapter's rows are not contiguous (not grouped)."""
+    runs, seen = [], set()
+    for i, slot in enumerate(idx):
+        if runs and runs[-1][2] == slot:
+            runs[-1][1] = i + 1
+            continue
+        if slot in seen and slot >= 0:
+            return None
+        seen.add(slot)
+        runs.append([i, i + 1, slot])
+    return [(s, e, slot) for s, e, slot in runs if slot >= 0]
+
+
+def add_lora_linear_segments(out: torch.Tensor, x: torch.Tensor, factors: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                             scalings: Sequence[float], segments: Sequence[tuple[int, int, int]], *,
+                             dropout: float = 0.0, training: bool = False, inplace: bool = False) -> torch.Tensor:
+    """out + the adapter terms of a batch grouped by adapter: rows start:end through factors[slot] (SGMV-style,
+    one pair of matmuls per segment; rows in no segment get no term).
+
+    out: (batch, ..., out) the base output, x: (batch, ..., in), factors[k] = (A (r_k, in), B (out, r_k)),
+    scalings[k]: float, segments: [(start, end, slot)] from row_segments.  Differentiable in x and the factors.
+    inplace (no autograd): each segment's term is accumulated into its slice of `out`."""
+    if inplace and out.is_contiguous():
+        for start, end, k in segments:
+            A, B = factors[k]
+            add_lora_linear(out[start:end], x[start:end], A, B, scalings[k], dropout=dropout, training=training,
+                            inplace=True)
+        return out
+    pieces, at = [], 0
+    for start, end, k in segments:
+        if start > at:
+            pieces.append(out[at:start])
+        A, B = factors[k]
+        pieces.append(add_lora_linear(out[start:end], x[start:end], A, B, scalings[k], dropout=dropout,
+                                      training=training))
+        at = end
+    if at < out.shape[0]:
+        pieces.append(out[at:])
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]

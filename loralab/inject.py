@@ -216,7 +216,8 @@ def add_lora(model: nn.Module, config: LoraConfig, adapter_name: str = "default"
         wrap_saved(model, path).add_copy(adapter_name)
     set_adapter(model, adapter_name)
     mark_only_lora_trainable(model, config, adapter_name)
-    return model
+    from .routing import accept_adapter_names  # model(..., adapter_names=[...]) routes rows (PEFT's spelling)
+    return accept_adapter_names(model)
 
 
 def wrap_saved(model: nn.Module, path: str) -> SavedModule:

@@ -95,6 +95,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     _apply(model, modules, config, adapter_name, targets, plan, trainable)
     activate = not before if activate is None else activate
     set_adapter(model, [adapter_name] if activate else before)
+    from .routing import accept_adapter_names  # model(..., adapter_names=[...]) routes rows (PEFT's spelling)
+    accept_adapter_names(model)
     return LoadReport(adapter_name, str(source), len(plan.factors), len(tensors),
                       len(plan.extras) + sum(len(v) for v in plan.saved.values()), fingerprint, config, activate,
                       tuple(notes))

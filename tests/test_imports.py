@@ -5,8 +5,9 @@ import sys
 
 CORE = ["loralab.config", "loralab.base", "loralab.functional", "loralab.layer", "loralab.inject",
         "loralab.routing", "loralab.merging"]
-HEAVY = ["loralab.trainer", "loralab.train", "loralab.train_job", "loralab.train_run", "loralab.dataset", "loralab.save", "loralab.load",
-         "loralab.adapter_file", "loralab.cli", "transformers", "safetensors"]
+HEAVY = ["loralab.trainer", "loralab.train", "loralab.train_job", "loralab.train_run", "loralab.dataset", "loralab.save",
+         "loralab.load", "loralab.adapter_file", "loralab.cli", "loralab.serve", "fastapi", "uvicorn", "transformers",
+         "safetensors"]
 
 
 def test_the_core_imports_nothing_of_training_files_or_the_cli():
