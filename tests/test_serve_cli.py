@@ -102,3 +102,13 @@ def test_two_workers_behind_one_port(files):
         print(f"\n--workers 2: answered by {len(pids)} worker process(es)")
     finally:
         _stop(proc)
+
+
+def test_serve_without_fastapi_names_the_install(monkeypatch):
+    import importlib.util
+
+    from loralab.serve.server import ServeConfig, serve
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    with pytest.raises(RuntimeError, match=r"needs fastapi.*\[serve\]"):
+        serve(ServeConfig(model="unused", adapters={}))

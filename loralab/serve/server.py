@@ -13,11 +13,11 @@ reachable address needs an API key (or allow_remote=True, for a network that is 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import ipaddress
 import json
 import os
 import socket
-import sys
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +144,10 @@ def _bind(host: str, port: int) -> socket.socket:
 def serve(config: ServeConfig, *, json_out: bool = False, say=print) -> None:
     """Run the server until interrupted.  Prints {"url", "model", "adapters", "workers", "pid"} on stdout once it
     accepts requests (with json_out), or a line for people."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise RuntimeError(f"loralab serve needs {' and '.join(missing)}: pip install -e \".[serve]\" "
+                           f"(or pip install fastapi uvicorn)")
     import uvicorn
     sock = _bind(config.host, config.port)
     host, port = sock.getsockname()[:2]
