@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from .routing import ROW_HOOKS
 from .saved import SavedModule
 
 __all__ = ["linear_cross_entropy", "causal_lm_loss_sum", "chunk_rows", "PLAIN_HEAD_MODELS"]
@@ -249,8 +250,8 @@ def _plain_head(model: nn.Module, inputs: dict) -> tuple[nn.Module, nn.Linear] |
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if any(getattr(c, key, None) is not None for c in (model.config, config) for key in _LOGIT_TRANSFORMS):
         return None
-    if any(key in inputs for key in _HEAD_LEVEL_INPUTS):
-        return None
+    if any(key in inputs for key in _HEAD_LEVEL_INPUTS) or "adapter_names" in inputs:
+        return None                                   # (adapter_names: the model's own call routes the rows)
     body_path, head_name = PLAIN_HEAD_MODELS[cls.__name__]
     body, head = model.get_submodule(body_path), getattr(model, head_name, None)
     if isinstance(head, SavedModule) and head.rows is None and not _hooked(head):
@@ -265,4 +266,7 @@ def _plain_head(model: nn.Module, inputs: dict) -> tuple[nn.Module, nn.Linear] |
 
 
 def _hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+    """Hooks other than routing's adapter_names pair (which does nothing in a call without adapter_names), or
+    a forward patched onto the instance."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return any(h not in ROW_HOOKS for h in hooks) or "forward" in module.__dict__

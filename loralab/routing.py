@@ -190,6 +190,10 @@ class _GenerateWithNames:
             return generate(model, *args, **kwargs)
 
 
+# The hooks accept_adapter_names installs: without adapter_names in a call they do nothing (loss.py skips them).
+ROW_HOOKS = (_pre_hook, _post_hook)
+
+
 def accept_adapter_names(model: nn.Module) -> nn.Module:
     """Let model(..., adapter_names=[...]) (and model.generate(..., adapter_names=[...]) when the model has
     generate) route row i through adapter_names[i], as PEFT's mixed batches do.  Idempotent; returns model."""

@@ -289,3 +289,18 @@ def test_labels_of_the_wrong_shape_are_refused():
     inputs, labels = _batch()
     with pytest.raises(ValueError, match="labels"):
         causal_lm_loss_sum(tiny_llama(), inputs, labels[:, :-1])
+
+
+def test_an_adapted_model_takes_the_chunked_path_and_adapter_names_fall_back():
+    """add_lora installs the adapter_names hooks on every model; they must not switch the chunked loss off
+    (train() would silently compute the full logits), and a call that names adapters per row goes through
+    the model's own forward."""
+    from loralab.routing import ROW_HOOKS
+    model = add_lora(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert set(model._forward_pre_hooks.values()) & set(ROW_HOOKS)          # the hooks are there
+    inputs, labels = _batch()
+    assert causal_lm_loss_sum(model, inputs, labels) is not None
+    names = ["default"] * labels.shape[0]
+    assert causal_lm_loss_sum(model, {**inputs, "adapter_names": names}, labels) is None
+    model.register_forward_pre_hook(lambda module, args: None)                # any other hook: fall back
+    assert causal_lm_loss_sum(model, inputs, labels) is None
