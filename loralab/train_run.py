@@ -24,6 +24,9 @@ from .atomic import atomic_write_text
 from .checkpoint import latest_checkpoint
 from .run_log import (BEST_DIR, CURVES_NAME, LOG_NAME, RunRecorder, best_so_far, plot_curves, prepare_out,
                       read_log, remove_run, restore_best)
+from .analysis import delta_fro_norm
+from .base import module_dims
+from .guidance import check_hyperparameters, compare_to_head_only
 from .dataset import check_records, label_names, read_records, split_records, tokenize
 from .trained_adapter import save_trained_adapter
 from .hf import HEAD_NAMES, TASK_TYPES, load_local_model
@@ -44,7 +47,8 @@ def factor_stats(model: nn.Module, adapter_name: str = "default") -> dict:
             a_std.append(float(adapter.lora_A.float().std()))
             b_std.append(float(adapter.lora_B.float().std()))
             b_max = max(b_max, float(adapter.lora_B.abs().max()))
-            ratio.append(float(adapter.delta_weight().norm() / layer.dense_weight().float().norm()))
+            delta = delta_fro_norm(adapter.lora_A, adapter.lora_B, adapter.scaling)   # from r x r Grams
+            ratio.append(delta / float(layer.dense_weight().float().norm()))
     n = max(len(a_std), 1)
     return {"layers": len(a_std), "A_std": sum(a_std) / n, "B_std": sum(b_std) / n, "B_max_abs": b_max,
             "delta_over_W0": sum(ratio) / n}
@@ -138,6 +142,12 @@ def run_train_job(job: TrainJob, say=print) -> dict:
         + (f" over a {job.quantize.upper()} base" if job.quantize else "")
         + (f"; trained in full: {', '.join(heads)}" if heads else ""))
     say(str(report))
+    advice = check_hyperparameters(r=job.r, lora_alpha=job.lora_alpha, lr=job.lr, epochs=job.epochs,
+                                   warmup_ratio=job.warmup_ratio, lora_dropout=job.lora_dropout,
+                                   n_examples=len(train_data), model_params=report.total,
+                                   module_dims={p: module_dims(m) for p, m in lora_layers(model).items()})
+    for a in advice:  # once per setting, with the fix (guidance.py)
+        say(f"warning: {a}")
     tconfig = train_config(job)
     stats_before = factor_stats(model)
     before = evaluate(model, eval_data, tconfig)
@@ -165,6 +175,9 @@ def run_train_job(job: TrainJob, say=print) -> dict:
         head_only = _head_only(model_dir, job, labels, train_data, eval_data)
         say(f"held-out, head only:      accuracy {head_only['accuracy']:.3f} "
             f"({head_only['trainable_params']:,} trainable params)")
+        if (worse := compare_to_head_only(after["accuracy"], head_only["accuracy"])) is not None:
+            advice.append(worse)
+            say(f"warning: {worse}")
 
     adapter_dir = out / "adapter"
     final_step = best.step if final == "best" else history.evals[-1]["step"]
@@ -191,6 +204,7 @@ def run_train_job(job: TrainJob, say=print) -> dict:
         "best_step": best.step, "best_metric": best.value, "final": final, "final_step": final_step,
         "stopped_early": history.stopped_early, "evaluations": len(history.evals),
         "log_file": str(out / LOG_NAME), "curves_file": None if note else str(out / CURVES_NAME),
+        "advice": [{"rule": a.rule, "message": a.message, "fix": a.fix} for a in advice],
         "seconds": time.perf_counter() - t0,
     }
     text = json.dumps({**result, "job": job_record(job), "history": history.to_dict()}, indent=1) + "\n"

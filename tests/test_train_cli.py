@@ -235,6 +235,21 @@ def test_tiny_classify_end_to_end(tmp_path, capsys):
     assert "base_model.model.classifier.weight" in tensors
     assert json.loads(Path(result["run_file"]).read_text())["history"]["total_steps"] == 8
     assert "trainable params:" in captured.err and "held-out, head only" in captured.err
+    assert all(a["rule"] != "lr_high" for a in result["advice"])
+
+
+def test_train_warns_once_on_settings_far_from_the_usual_recipe(tmp_path, capsys):
+    model_dir, data_dir = tiny_classifier_dir(tmp_path / "model"), write_travel_files(tmp_path / "data", 32)
+    code = main(["train", "--json", "--model", str(model_dir), "--data", str(data_dir / "train.jsonl"),
+                 "--eval-data", str(data_dir / "eval.jsonl"), "--out", str(tmp_path / "out"), "--epochs", "1",
+                 "--batch-size", "8", "--lr", "5e-2", "--r", "8", "--lora-alpha", "128",
+                 "--target-modules", "query,value", "--no-progress", "--skip-head-only"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rules = [a["rule"] for a in json.loads(captured.out)["advice"]]
+    assert "lr_high" in rules and "alpha_ratio" in rules
+    assert captured.err.count("warning: lr=0.05 is far above") == 1        # one line, not one per layer
+    assert "fix: use --lora-alpha 8 or 16" in captured.err
 
 
 def test_tiny_causal_lm_end_to_end_with_held_out_split(tmp_path, capsys):
