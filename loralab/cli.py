@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .cli_args import (checked, finite_float, fraction, int_list, integer, nonnegative_float, nonnegative_int,
@@ -117,7 +118,11 @@ def _explore_run(args, say) -> None:
     from .explore.server import serve
     serve(args.adapter, host=args.host, port=args.port, open_browser=not args.no_browser,
           allow_remote=args.allow_remote, json_out=args.json, say=say)
-    return None  # with --json, serve() already printed {"url": ...} when the server came up
+    # Stopped by Ctrl-C with everything written: leave without the interpreter's teardown, during which torch's
+    # native thread pools have been seen to abort the process ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

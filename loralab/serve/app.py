@@ -106,6 +106,15 @@ def create_app(service: Service):
             raise ServeError(400, "the body must be a JSON object")
         return data
 
+    async def model_request(request: Request, task: str, other: str) -> tuple[dict, str, str | None, str | None]:
+        """(body, the model field, the adapter's directory or None for the base, the adapter name or None)."""
+        if service.task != task:
+            raise ServeError(400, f"this server runs a {service.task} model; use {other}")
+        data = await body(request)
+        name = _model_field(data)
+        path = registry.resolve(name)
+        return data, name, path, None if path is None else name
+
     async def run(jobs: list[Job]) -> list:
         futures = [engine.submit(j) for j in jobs]
         try:
@@ -129,18 +138,13 @@ def create_app(service: Service):
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        if service.task != "causal-lm":
-            raise ServeError(400, f"this server runs a {service.task} model; use /v1/classify")
-        data = await body(request)
-        name = _model_field(data)
-        path = registry.resolve(name)
+        data, name, path, adapter = await model_request(request, "causal-lm", "/v1/classify")
         prompts = _prompts(service, data.get("prompt"), "prompt")
         sampling = _sampling(service, data)
         longest = max(len(p) for p in prompts)
         if service.max_positions is not None and longest + sampling.max_tokens > service.max_positions:
             raise ServeError(400, f"a prompt of {longest} tokens + max_tokens={sampling.max_tokens} is over the "
                                   f"model's context of {service.max_positions} tokens; lower max_tokens")
-        adapter = None if path is None else name
         results = await run([Job("complete", adapter, path, tokens=p, sampling=sampling) for p in prompts])
         choices, completion = [], 0
         for i, (tokens, reason) in enumerate(results):
@@ -155,13 +159,8 @@ def create_app(service: Service):
 
     @app.post("/v1/classify")
     async def classify(request: Request):
-        if service.task != "classify":
-            raise ServeError(400, f"this server runs a {service.task} model; use /v1/completions")
-        data = await body(request)
-        name = _model_field(data)
-        path = registry.resolve(name)
+        data, name, path, adapter = await model_request(request, "classify", "/v1/completions")
         inputs = _prompts(service, data.get("input"), "input")
-        adapter = None if path is None else name
         results = await run([Job("classify", adapter, path, tokens=x) for x in inputs])
         out = []
         for i, logits in enumerate(results):
