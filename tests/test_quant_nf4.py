@@ -136,6 +136,22 @@ def test_the_accelerator_path_gives_the_same_bytes(monkeypatch):
     assert torch.equal(dequantize_nf4(packed, state, torch.float32), values32)
 
 
+def test_a_large_output_asks_for_huge_pages_inside_its_own_buffer(monkeypatch):
+    calls = []
+    monkeypatch.setattr(parallel, "_madvise", lambda addr, size, advice: calls.append((addr, size, advice)) or 0)
+    w = _weight((1024, 2048), torch.float32, seed=8)                       # 8 MiB of fp32 output
+    packed, state = quantize_nf4(w)
+    out = dequantize_nf4(packed, state)
+    assert torch.equal(out, _bnb(w, 64, False)[2])
+    (addr, size, advice), = calls
+    begin, end = out.data_ptr(), out.data_ptr() + out.numel() * 4
+    assert advice == 14 and addr % parallel.HUGE_PAGE == 0 and size % parallel.HUGE_PAGE == 0
+    assert begin <= addr and addr + size <= end and size >= end - begin - 2 * parallel.HUGE_PAGE
+    calls.clear()
+    dequantize_nf4(*quantize_nf4(w[:100]))                                   # small: left alone
+    assert calls == []
+
+
 def test_codebooks_are_bitsandbytes_and_the_paper():
     assert torch.equal(LEVELS, bnb.get_4bit_type("nf4", device="cpu"))
     assert torch.equal(dynamic_map(), bnb.create_dynamic_map())

@@ -150,7 +150,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | N
     with torch.no_grad():
         absmax = _block_absmax(state, t)
         codes = packed.reshape(-1)
-        out = torch.empty(n, dtype=dtype, device=packed.device)
+        out = parallel.empty(n, dtype, packed.device)                         # huge pages: see parallel.py
         bs = state.blocksize
         full = n - n % bs
         if full:

@@ -10,20 +10,30 @@ each barrier cost milliseconds, and quantizing one 4096 x 4096 matrix is a few h
 meet once, at the end; torch releases the GIL inside each op, so the parts run in parallel.  The per-thread
 grad and inference modes of the caller are carried into the worker threads.  On other devices (CUDA, ...) the
 work stays in the calling thread, ACCELERATOR_STEP values per op.
+
+A large fresh output (the dequantized weight) is allocated by `empty`: on Linux its pages are marked for
+transparent huge pages before anything touches them.  Writing a fresh 4096 x 4096 fp32 tensor otherwise takes
+16,384 page faults (4 KiB each), measured here at ~20 ms of the ~30 ms a dequantization takes; with 2 MiB pages it
+is 3 ms.  Where the kernel does not offer them (`never`, other systems) nothing changes.
 """
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 
 import torch
 
-__all__ = ["SLICE", "MIN_PART", "MAX_PARTS", "ACCELERATOR_STEP", "run_split", "on_cpu", "slices", "whole_steps"]
+__all__ = ["SLICE", "MIN_PART", "MAX_PARTS", "ACCELERATOR_STEP", "run_split", "on_cpu", "slices", "whole_steps",
+           "empty"]
 
 SLICE = 1 << 15                 # values per op on CPU: torch's parallel grain (32768), so one thread runs it
 MIN_PART = 1 << 16              # values below which the work stays in the calling thread
 MAX_PARTS = 4                   # more threads would mostly wait for the GIL (held between ops)
 ACCELERATOR_STEP = 1 << 24      # values per op on other devices (bounds the scratch memory)
+HUGE_PAGE = 1 << 21             # 2 MiB: x86-64's and arm64's transparent huge page
+_MADV_HUGEPAGE = 14             # linux/mman.h
 
 
 def run_split(work, n: int, unit: int, device: torch.device) -> None:
@@ -69,3 +79,29 @@ def whole_steps(lo: int, hi: int, device: torch.device, factor: int = 1) -> tupl
     step = factor * SLICE if on_cpu(device) else min(ACCELERATOR_STEP, hi - lo)
     k = (hi - lo) // step
     return step, k, lo + k * step
+
+
+def empty(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty(n), its whole 2 MiB pages marked MADV_HUGEPAGE first on Linux CPU (see the module docstring)."""
+    out = torch.empty(n, dtype=dtype, device=device)
+    size = n * out.element_size()
+    if on_cpu(out.device) and size >= 2 * HUGE_PAGE and _madvise is not None:
+        start = -(-out.data_ptr() // HUGE_PAGE) * HUGE_PAGE
+        stop = (out.data_ptr() + size) // HUGE_PAGE * HUGE_PAGE
+        if stop > start:
+            _madvise(start, stop - start, _MADV_HUGEPAGE)     # advice only: a refusal (-1) changes nothing
+    return out
+
+
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
