@@ -135,14 +135,26 @@ def lora_linear_rows(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor
     -> (batch, ..., out) in the bank's dtype (or autocast's).  out (no autograd; contiguous, the bank's
     dtype): the base output, to which the terms are added in place and which is returned."""
     safe, scale = _row_scales(scalings, idx)
+    return lora_linear_rows_scaled(x, A_bank, B_bank, safe, scale, dropout=dropout, training=training, out=out)
+
+
+def lora_linear_rows_scaled(x: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, safe: torch.Tensor | None,
+                            scale: torch.Tensor, *, dropout: float = 0.0, training: bool = False,
+                            out: torch.Tensor | None = None) -> torch.Tensor:
+    """lora_linear_rows with the slots and scales given, per group of consecutive rows: safe (G,) long, a real
+    slot for every group, G dividing the batch (G = batch: one row per group); None: group g is slot g (G = n,
+    no gather).  scale (G,), 0 for a group without adapter.  A caller that routes many layers or batches the
+    same way computes them once (_row_scales); equal groups (rows sorted by adapter, as a server batches them)
+    make fewer, larger matmuls and smaller gathers than one per row."""
     x, drop = _adapter_input(x, A_bank.dtype, dropout, training, 1.0)
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])                                   # (batch, T, in)
-    h = torch.bmm(x3, A_bank[safe].transpose(1, 2))                               # (batch, T, r_max)
-    h = h * (scale * drop).to(h.dtype)[:, None, None]
+    A, B = (A_bank, B_bank) if safe is None else (A_bank[safe], B_bank[safe])    # (G, r_max, in), (G, out, r_max)
+    x3 = x.reshape(A.shape[0], -1, x.shape[-1])                                   # (G, rows/G · T, in)
+    h = torch.bmm(x3, A.transpose(1, 2))                                          # (G, rows/G · T, r_max)
+    h = h * (scale if drop == 1.0 else scale * drop).to(h.dtype)[:, None, None]
     if out is not None:  # accumulate into the base output: no (batch, T, out) term is allocated
-        out.view(h.shape[0], h.shape[1], -1).baddbmm_(h, B_bank[safe].transpose(1, 2))
+        out.view(h.shape[0], h.shape[1], -1).baddbmm_(h, B.transpose(1, 2))
         return out
-    return torch.bmm(h, B_bank[safe].transpose(1, 2)).reshape(*x.shape[:-1], B_bank.shape[1])
+    return torch.bmm(h, B.transpose(1, 2)).reshape(*x.shape[:-1], B.shape[1])
 
 
 def lora_embedding_rows(ids: torch.Tensor, A_bank: torch.Tensor, B_bank: torch.Tensor, scalings: torch.Tensor,

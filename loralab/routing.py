@@ -40,9 +40,9 @@ import torch
 from torch import nn
 
 from . import functional as LF
-from .inject import check_adapter_names, check_unmerged, lora_layers
+from .inject import check_adapter_names, check_unmerged
 from .layer import LoRALinear
-from .saved import saved_modules
+from .saved import SavedModule
 
 __all__ = ["adapter_rows", "RowPlan", "forward_with_adapters", "accept_adapter_names", "layer_bank"]
 
@@ -73,16 +73,24 @@ class RowPlan:
     """One LoRA layer's routing: the adapters its rows use, each row's slot (-1: none), and the segments when
     the rows are grouped by adapter."""
 
-    def __init__(self, layer, names: Sequence[str | None]):
+    def __init__(self, layer, names: Sequence[str | None], shared: dict | None = None):
+        """shared: a dict that the plans of one batch share, so that layers routed alike (the same adapters in
+        the same order, the usual case) make their index tensors and segments once."""
         self.names = list(names)
         used = [n for n in dict.fromkeys(names) if n is not None and n in layer.adapters]
         self.used = used
         self.adapters = [layer.adapters[n] for n in used]
-        slot = {n: i for i, n in enumerate(used)}
-        slots = [slot.get(n, -1) for n in names]
-        self.idx = torch.tensor(slots, dtype=torch.long, device=layer.base.device)
-        self.segments = None if layer.embedding else LF.row_segments(slots)
-        self._bank_idx = None  # (bank key, idx into the layer's whole bank)
+        shared = {} if shared is None else shared
+        device = layer.base.device
+        key = ("plan", tuple(used), device)
+        if key not in shared:
+            slot = {n: i for i, n in enumerate(used)}
+            slots = [slot.get(n, -1) for n in names]
+            shared[key] = (torch.tensor(slots, dtype=torch.long, device=device), LF.row_segments(slots))
+        self.idx, segments = shared[key]
+        self.segments = None if layer.embedding else segments
+        self._shared = shared
+        self._bank_rows = None  # (bank key, idx into the layer's whole bank, its safe slots, its row scales)
         dropouts = {a.lora_dropout for a in self.adapters}
         if layer.training and len(dropouts) > 1:
             raise ValueError(f"adapters {used} have different lora_dropout {sorted(dropouts)}; one batch can train "
@@ -109,20 +117,43 @@ class RowPlan:
             idx = self.idx
         else:
             A_bank, B_bank, scalings, slot = layer_bank(layer)
-            idx = self._whole_bank_idx(layer, slot)
+            idx, safe, scale = self._whole_bank_rows(layer, slot, scalings)
             if (not layer.embedding and not (layer.training and self.dropout)
                     and not layer.base_layer._forward_hooks and out.is_contiguous()
                     and out.dtype == A_bank.dtype and not torch.is_autocast_enabled(x.device.type)):
-                return LF.lora_linear_rows(x, A_bank, B_bank, scalings, idx, out=out)   # in place
+                return LF.lora_linear_rows_scaled(x, A_bank, B_bank, safe, scale, out=out)   # in place
         term = layer.rows_term(x, A_bank, B_bank, scalings, idx, self.dropout)
         return out + term.to(out.dtype)
 
-    def _whole_bank_idx(self, layer, slot: dict) -> torch.Tensor:
+    def _whole_bank_rows(self, layer, slot: dict, scalings: torch.Tensor):
+        """(idx into the layer's whole bank, its clamped slots, each row's scale), made once per bank: every
+        op saved here is one of a few per layer that the routed forward costs beyond the single-adapter one."""
         key = layer.__dict__["_row_bank"][0]
-        if self._bank_idx is None or self._bank_idx[0] != key:
-            idx = [slot[n] if n in self.used else -1 for n in self.names]
-            self._bank_idx = (key, torch.tensor(idx, dtype=torch.long, device=self.idx.device))
-        return self._bank_idx[1]
+        if self._bank_rows is None or self._bank_rows[0] != key:
+            values = tuple(a.scaling for a in layer.adapters.values())     # the bank's scalings, as floats
+            shared_key = ("bank", tuple(slot), tuple(self.used), values, scalings.dtype, scalings.device)
+            if shared_key not in self._shared:
+                slots = [slot[n] if n in self.used else -1 for n in self.names]
+                idx = torch.tensor(slots, dtype=torch.long, device=self.idx.device)
+                safe, scale = LF._row_scales(scalings, idx)
+                groups = _equal_groups(slots)
+                if groups is not None:  # one group per adapter: its slot and scale once, not per row
+                    safe = None if groups == list(range(len(slot))) else safe.new_tensor(groups)
+                    scale = scalings if safe is None else scalings[safe]
+                self._shared[shared_key] = (idx, safe, scale)
+            self._bank_rows = (key, *self._shared[shared_key])
+        return self._bank_rows[1:]
+
+
+def _equal_groups(slots: list[int]) -> list[int] | None:
+    """The slot of each group when the rows form equal runs of one slot each, every row with an adapter and no
+    slot twice (e.g. [3, 3, 0, 0, 5, 5] -> [3, 0, 5]); None otherwise."""
+    segments = LF.row_segments(slots)
+    if segments is None or sum(e - s for s, e, _ in segments) != len(slots):
+        return None
+    if len({e - s for s, e, _ in segments}) != 1:
+        return None
+    return [k for _, _, k in segments]
 
 
 @contextlib.contextmanager
@@ -130,13 +161,19 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]):
     """Inside the block, row i of every batch uses adapter names[i] (None: no adapter).  The active-adapter
     setting is ignored inside and unchanged after; adapters must be unmerged."""
     names = list(names)
-    check_adapter_names(model, [n for n in names if n is not None])
-    check_unmerged(model, "adapter_rows")
-    switches = list(lora_layers(model).values()) + list(saved_modules(model).values())
+    switches = [m for m in model.modules() if isinstance(m, (LoRALinear, SavedModule))]   # one walk: per batch
+    known = set()
+    for m in switches:
+        known.update(m.adapters if isinstance(m, LoRALinear) else m.modules_to_save)
+    if any(n is not None and n not in known for n in names):
+        check_adapter_names(model, [n for n in names if n is not None])   # raises, naming them
+    if any(a.merged for m in switches if isinstance(m, LoRALinear) for a in m.adapters.values()):
+        check_unmerged(model, "adapter_rows")                             # raises, naming a layer
     before = [m.rows for m in switches]
+    shared: dict = {}
     try:
         for module in switches:
-            module.rows = RowPlan(module, names) if isinstance(module, LoRALinear) else names
+            module.rows = RowPlan(module, names, shared) if isinstance(module, LoRALinear) else names
         yield model
     finally:
         for module, plan in zip(switches, before):
