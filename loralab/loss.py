@@ -141,7 +141,11 @@ def _chunked(hidden, weight, bias, targets, chunk, scale, compute, needs):
     b = bias.to(compute) if bias is not None else None
     rows = min(chunk, max(n, 1))
     z = torch.empty(rows, V, dtype=compute, device=h.device)            # logits of one chunk
-    g = torch.empty(rows, V, dtype=acc, device=h.device)                # their log-softmax, then softmax - onehot
+    # their log-softmax, then softmax - onehot: in z itself when the dtypes agree on CPU (its log_softmax kernel
+    # reads a whole row before writing it, and the result is bit-equal: tests/test_loss.py), one (rows, V)
+    # buffer less (32 MiB at the default chunk)
+    same = compute == acc and h.device.type == "cpu"
+    g = z if same else torch.empty(rows, V, dtype=acc, device=h.device)
     grad_h = torch.empty(hidden.shape, dtype=hidden.dtype, device=h.device) if need_h else None
     grad_w = torch.zeros(V, W.shape[1], dtype=acc, device=h.device) if need_w else None
     grad_b = torch.zeros(V, dtype=acc, device=h.device) if need_b else None

@@ -79,6 +79,14 @@ def test_float32_matches_at_realistic_vocabulary():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_in_place_log_softmax_on_cpu_is_bit_equal():
+    """_chunked writes the log-softmax over the logits in place on CPU: this torch must give the same bits."""
+    z = torch.randn(37, 5003, generator=torch.Generator().manual_seed(0)) * 4
+    ref = torch.log_softmax(z, dim=1)
+    torch.log_softmax(z, dim=1, dtype=torch.float32, out=z)
+    assert torch.equal(z, ref)
+
+
 def test_backward_scales_by_the_incoming_gradient():
     hidden, weight, _, targets = _inputs(9, 4, 6, weight_grad=True)
     (2.5 * linear_cross_entropy(hidden, weight, targets, chunk_size=4)).backward()
