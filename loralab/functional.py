@@ -52,14 +52,15 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tens
     return (B.float() @ A.float()) * scaling
 
 
-def keep_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """Dropout's keep mask for x, i.i.d. Bernoulli(1 - p) (bool, x's shape), and the keep probability.
 
     Drawn as 16-bit uniform integers, four from each 64-bit word of the global generator: about a third of
     the cost of F.dropout, whose bernoulli_ draws a float per element.  p is rounded to a multiple of 2^-16
     (|error| <= 7.7e-6) and the keep probability returned is the exact one, so E[x·keep / kept] = x."""
     n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)  # all 64 bits
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None,  # all 64 bits
+                                                                                   generator=generator)
     lanes = words.view(torch.int16)[:n].view(x.shape)                      # uniform on [-2^15, 2^15)
     cut = min(round(p * 65536), 65535)                                     # drop a lane when below cut - 2^15
     return lanes >= cut - 32768, 1.0 - cut / 65536
@@ -91,6 +92,8 @@ def add_lora_linear(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
     """out + scaling · B·A·dropout(x), out: (..., out) the base output.  The final add is fused into the
     matmul (addmm; in place into `out` when `inplace` — only when nothing else holds `out`): this is the
     per-token cost of an unmerged adapter."""
+    if dropout and training and torch.is_grad_enabled() and _plain(out, x, A, B):
+        return _DroppedLoRA.apply(out, x, A, B, dropout, scaling)
     x, scale = _adapter_input(x, A.dtype, dropout, training, scaling)
     h = F.linear(x, A) * scale                                                       # (..., r)
     if out.dtype == h.dtype == B.dtype and out.dim() >= 2 and out.is_contiguous():  # (autocast casts only F.linear)
@@ -99,6 +102,56 @@ def add_lora_linear(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
             return out2d.addmm_(h2d, B.T).view(out.shape)
         return torch.addmm(out2d, h2d, B.T).view(out.shape)
     return out + F.linear(h, B).to(out.dtype)
+
+
+def _plain(out, x, A, B) -> bool:
+    """One dtype throughout and no autocast: what _DroppedLoRA handles (anything else takes autograd's path)."""
+    return (out.dtype == x.dtype == A.dtype == B.dtype and out.dim() >= 2 and out.shape[:-1] == x.shape[:-1]
+            and not torch.is_autocast_enabled(x.device.type))
+
+
+def _generator_state(device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return torch.default_generator.get_state()
+    return torch.get_device_module(device.type).get_rng_state(device)
+
+
+class _DroppedLoRA(torch.autograd.Function):
+    """out + scale · B·A·(x ⊙ keep / kept) in training with dropout, keeping for backward x itself (which
+    several projections of one input share) and the generator state the mask came from, and drawing the same
+    mask again in backward: no dropped copy of x and no mask stay alive between forward and backward (on the
+    reference model, 83 MB of the peak: bench/bench_train.py).  Gradients equal autograd's on the
+    dropped-x path (tests/test_functional.py); the global generator advances exactly as there."""
+
+    @staticmethod
+    def forward(ctx, out, x, A, B, p: float, scaling: float):
+        state = _generator_state(x.device)
+        keep, kept = keep_mask(x, p)
+        s = scaling / kept
+        x2 = torch.where(keep, x, 0.0).reshape(-1, x.shape[-1])                      # (N, in), dropped now
+        h = torch.mm(x2, A.T).mul_(s)                                                # (N, r), scaled
+        del keep, x2
+        ctx.save_for_backward(x, A, B, h, state)
+        ctx.p, ctx.s = p, s
+        return torch.addmm(out.reshape(-1, out.shape[-1]), h, B.T).view(out.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, A, B, h, state = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])                                         # (N, out)
+        need_out, need_x, need_A, need_B = ctx.needs_input_grad[:4]
+        grad_B = g.T @ h if need_B else None                                         # (out, r)
+        grad_x = grad_A = None
+        if need_x or need_A:
+            generator = torch.Generator(x.device)
+            generator.set_state(state)
+            keep, _ = keep_mask(x, ctx.p, generator)                                 # the forward's mask
+            gh = (g @ B).mul_(ctx.s)                                                 # (N, r)
+            if need_A:
+                grad_A = gh.T @ torch.where(keep, x, 0.0).reshape(-1, x.shape[-1])  # (r, in)
+            if need_x:
+                grad_x = torch.where(keep, (gh @ A).view(x.shape), 0.0)
+        return grad if need_out else None, grad_x, grad_A, grad_B, None, None
 
 
 def lora_embedding(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,

@@ -90,3 +90,36 @@ def test_lora_output_and_gradients_follow_the_formula_with_the_drawn_mask():
     layer.eval()                                 # no dropout outside training
     torch.testing.assert_close(layer(x), layer.base_layer(x) + 2.0 * (x @ a.lora_A.T) @ a.lora_B.T,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_training_path_keeps_no_dropped_copy_and_equals_autograd_on_the_dropped_input():
+    """With dropout in training the layer keeps x itself (not x·keep, not the mask) for backward and draws
+    the mask again there from the saved generator state: output, every gradient (x's too) and the global
+    generator's advance equal the plain autograd formula on the dropped input."""
+    from loralab import functional as LF
+    torch.manual_seed(4)
+    out0, x0 = torch.randn(2, 7, 9), torch.randn(2, 7, 12)
+    A0, B0 = torch.randn(3, 12), torch.randn(9, 3)
+    saved = []
+
+    def run(use_function: bool):
+        out, x = out0.clone().requires_grad_(), x0.clone().requires_grad_()
+        A, B = A0.clone().requires_grad_(), B0.clone().requires_grad_()
+        torch.manual_seed(11)
+        if use_function:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                y = LF.add_lora_linear(out, x, A, B, 2.0, dropout=0.3, training=True)
+        else:
+            keep, kept = LF.keep_mask(x, 0.3)
+            y = out + (torch.where(keep, x, 0.0) @ A.T * (2.0 / kept)) @ B.T
+        after_forward = torch.get_rng_state()
+        y.pow(2).sum().backward()
+        assert torch.equal(torch.get_rng_state(), after_forward)       # backward draws from its own generator
+        return y.detach(), after_forward, out.grad, x.grad, A.grad, B.grad
+
+    got, ref = run(True), run(False)
+    assert torch.equal(got[1], ref[1])                                   # the same draws from the global one
+    for a, b in zip(got[:1] + got[2:], ref[:1] + ref[2:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    big = [t for t in saved if t.is_floating_point() and t.numel() >= x0.numel()]
+    assert not any(t.dtype == torch.bool for t in saved) and len(big) == 1 and big[0].shape == x0.shape and big[0].dtype == x0.dtype   # x alone
