@@ -34,6 +34,7 @@ from torch import nn
 from . import distributed as dd
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from .dataset import IGNORE_INDEX, TASKS, TokenizedData
+from .fused import fused_swiglu
 from .loss import causal_lm_loss_sum
 
 __all__ = ["TrainConfig", "train", "evaluate", "lr_at", "History", "seed_everything", "make_optimizer",
@@ -230,8 +231,14 @@ def train(model: nn.Module, train_data, eval_data=None, config: TrainConfig | No
     Hooks (e.g. run_log.RunRecorder): on_step(record, history) after each step; on_eval(record, model,
     history) after each evaluation, returning True to stop training there (history.stopped_early).
     Runs data-parallel when started by torchrun (see distributed.py); only rank 0 writes files.
-    Raises RuntimeError if the loss becomes NaN/Inf (the update is not applied; earlier checkpoints stay)."""
+    Raises RuntimeError if the loss becomes NaN/Inf (the update is not applied; earlier checkpoints stay).
+    Llama-style MLPs keep less for backward while it runs (fused.py; not under gradient checkpointing)."""
     config = config or TrainConfig()
+    with fused_swiglu(model, enabled=not config.gradient_checkpointing):
+        return _train(model, train_data, eval_data, config, on_step, on_eval)
+
+
+def _train(model, train_data, eval_data, config: TrainConfig, on_step, on_eval) -> History:
     data, evals = _as_data(train_data), (_as_data(eval_data) if eval_data is not None else None)
     dd.setup()
     rank, world = dd.rank(), dd.world_size()
