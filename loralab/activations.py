@@ -15,7 +15,9 @@ element (2 for bf16/fp16, 4 for fp32), h hidden, h_kv key/value width, f MLP wid
                 a·in               x cast to the adapter's dtype, for A's grad: one copy per module
                                    when a != p; when a == p x is the base's own tensor, already kept except
                                    down_proj's f-wide input and the q/k/v and gate/up inputs (p·h each, once)
-                (a + 1)·in         with lora_dropout > 0: the dropped copy and a one-byte mask
+                (a + 1)·in         with lora_dropout > 0 when a != p or under autocast: the dropped copy
+                                   and a one-byte mask (when a == p without autocast loralab keeps x itself
+                                   and draws the mask again in backward: as without dropout)
     under autocast also the 16-bit copies of A and B, p·r·(in + out) per module (not per token)
 
 A frozen Linear keeps nothing for its own weight, so LoRA keeps less than full fine-tuning except for the
@@ -186,6 +188,8 @@ def activation_memory(shape, *, batch: int, seq: int, act_bytes: int, full: bool
     torch.autocast in act_bytes, so the adapter path computes in 16 bits too (loralab train --bf16)."""
     p, T, h, V = act_bytes, batch * seq, shape.hidden, shape.vocab
     a = p if autocast else 4
+    if a == p and not autocast:
+        lora_dropout = 0.0          # functional._DroppedLoRA: nothing of the dropout is kept for backward
     by_layer: dict = {}
     for m in adapted:
         by_layer.setdefault(m.layer, []).append(m)

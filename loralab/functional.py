@@ -131,13 +131,14 @@ class _DroppedLoRA(torch.autograd.Function):
         x2 = torch.where(keep, x, 0.0).reshape(-1, x.shape[-1])                      # (N, in), dropped now
         h = torch.mm(x2, A.T).mul_(s)                                                # (N, r), scaled
         del keep, x2
-        ctx.save_for_backward(x, A, B, h, state)
-        ctx.p, ctx.s = p, s
+        ctx.save_for_backward(x, A, B, h)
+        ctx.p, ctx.s, ctx.state = p, s, state      # the state: a few KB, not a saved activation
         return torch.addmm(out.reshape(-1, out.shape[-1]), h, B.T).view(out.shape)
 
     @staticmethod
     def backward(ctx, grad):
-        x, A, B, h, state = ctx.saved_tensors
+        x, A, B, h = ctx.saved_tensors
+        state = ctx.state
         g = grad.reshape(-1, grad.shape[-1])                                         # (N, out)
         need_out, need_x, need_A, need_B = ctx.needs_input_grad[:4]
         grad_B = g.T @ h if need_B else None                                         # (out, r)
