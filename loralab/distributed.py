@@ -27,6 +27,7 @@ Checkpoints of a sharded model are not written (save_every must be None).
 
 from __future__ import annotations
 
+import atexit
 import os
 
 import torch
@@ -45,6 +46,14 @@ def setup() -> None:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend)
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Leave the process group before the interpreter exits: a gloo group destroyed only with the process
+    can abort it (std::terminate from a still-joinable worker thread), seen intermittently here."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
