@@ -120,8 +120,8 @@ class _DroppedLoRA(torch.autograd.Function):
     """out + scale · B·A·(x ⊙ keep / kept) in training with dropout, keeping for backward x itself (which
     several projections of one input share) and the generator state the mask came from, and drawing the same
     mask again in backward: no dropped copy of x and no mask stay alive between forward and backward (on the
-    reference model, 83 MB of the peak: bench/bench_train.py).  Gradients equal autograd's on the
-    dropped-x path (tests/test_functional.py); the global generator advances exactly as there."""
+    reference model, about 70 MB of the peak: bench/bench_train.py).  Gradients equal autograd's on the
+    dropped-x path (tests/test_train_dropout.py); the global generator advances exactly as there."""
 
     @staticmethod
     def forward(ctx, out, x, A, B, p: float, scaling: float):

@@ -296,7 +296,7 @@ def _train(model, train_data, eval_data, config: TrainConfig, on_step, on_eval) 
                 (loss * world / count.clamp(min=1)).backward()  # DDP averages over ranks: undo its 1/world
             loss_total += loss.detach().to(loss_total.dtype)
             # Drop the graph now: its many small nodes, kept alive through the next forward, sit among the
-            # freed activations and split them, so that forward takes ~280 MB more (bench/bench_train.py).
+            # freed activations and split them, so that forward takes ~270 MB more (bench/bench_train.py).
             del loss
         loss_value = float(dd.all_reduce_sum(loss_total) / count.clamp(min=1))
 
