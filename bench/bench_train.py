@@ -6,7 +6,7 @@ AdamW lr 1e-3, weight decay 0.01.
   loralab   one optimizer step of loralab.trainer.train (max_steps=1; its History times the step)
   PEFT      peft.get_peft_model, then model(input_ids, labels=input_ids).loss, backward, AdamW step
   floor     the frozen base alone: forward + backward through every frozen layer, no adapters
-fp32 (with BENCH_TRAIN_BF16=1 both again under bf16 autocast).  Variants are timed round-robin (one step each per round) so drift
+fp32, and both again under bf16 autocast (BENCH_TRAIN_BF16=0 skips that pair).  Variants are timed round-robin (one step each per round) so drift
 on the machine hits all alike; the figure is the median over rounds.
 
 Also: the loss curves of loralab's train() and PEFT's loop from identical adapter weights with dropout 0 on the
@@ -124,14 +124,12 @@ def floor_step(model, ids: torch.Tensor) -> float:
 
 VARIANTS = ("loralab train()", "PEFT", "floor: frozen base, no adapters",
             "loralab train(), bf16 autocast", "PEFT, bf16 autocast")
-# bf16 matmuls on a CPU without native bf16 instructions (no AVX512-BF16 / AMX, as on the 2-core machine of
-# BENCHMARKS.md) take about 40x the fp32 time (a step: about 2 minutes): the bf16 pair runs only when asked.
-BF16 = os.environ.get("BENCH_TRAIN_BF16") == "1"
+BF16 = os.environ.get("BENCH_TRAIN_BF16", "1") != "0"     # the bf16 autocast pair: on unless BENCH_TRAIN_BF16=0
 
 
-def time_steps(rounds: int = 8, warmup: int = 2, bf16_rounds: int = 3) -> dict[str, float]:
+def time_steps(rounds: int = 8, warmup: int = 2, bf16_rounds: int = 8) -> dict[str, float]:
     """Median seconds per step of each variant, timed round-robin (one step each per round; the bf16 pair in
-    fewer rounds: bf16 matmuls are slow on a CPU without native bf16 instructions)."""
+    the first bf16_rounds rounds)."""
     base = reference_model()
     ours, theirs, floor = build("loralab", base), build("PEFT", base), floor_model(base)
     ours16, theirs16 = build("loralab", base), build("PEFT", base)
@@ -250,8 +248,7 @@ def main() -> str:
         bf16_text = (f"under bf16 autocast: **{med[VARIANTS[3]] / med[VARIANTS[4]]:.2f}x** (target <= 0.80x); "
                      f"bf16 vs fp32 loss (loralab): max gap {gap16:.1e}")
     else:
-        bf16_text = ("bf16 autocast not timed in this run (BENCH_TRAIN_BF16=1 python bench/run.py train times it: "
-                     "bf16 matmuls on this CPU, which has no native bf16 instructions, take about 40x the fp32 time)")
+        bf16_text = "bf16 autocast not timed in this run (BENCH_TRAIN_BF16=0)"
     rows = "\n".join(f"| {k} | {t:.3f} | {t / peers[k]:.2f}x | {t / floor:.2f}x |" for k, t in med.items())
     total, extra = _ratio(mem, "loralab", "PEFT")
     return (

@@ -62,6 +62,11 @@ def _option(default=MISSING, help: str = "", parse=None, *, choices=None, option
     return field(default=default, metadata=meta)
 
 
+def schedule_name(text: str) -> str:
+    """A --schedule value; Hugging Face Trainer's constant_with_warmup is our constant (warmup, then flat)."""
+    return "constant" if text == "constant_with_warmup" else text
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainJob:
     """One `loralab train` run: model, data, adapter, training loop, outputs.  Each field is an option of
@@ -111,7 +116,9 @@ class TrainJob:
     grad_accum: int = _option(_T.grad_accum, "micro-batches per optimizer step", positive_int,
                               aliases=("gradient_accumulation_steps",))
     warmup_ratio: float = _option(_T.warmup_ratio, "share of steps for linear warmup, in [0, 0.5]", finite_float)
-    schedule: str = _option(_T.schedule, f"lr decay after warmup: {', '.join(SCHEDULES)}", str, choices=SCHEDULES,
+    schedule: str = _option(_T.schedule, f"lr decay after warmup: {', '.join(SCHEDULES)} (Hugging Face's "
+                                         "constant_with_warmup is constant: every schedule warms up over "
+                                         "--warmup-ratio)", schedule_name, choices=SCHEDULES,
                             aliases=("lr_scheduler_type",))
     loraplus_lr_ratio: float = _option(_T.loraplus_lr_ratio, "LoRA+: lr of B = ratio x lr (1 = off)",
                                        positive_float)

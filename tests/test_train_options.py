@@ -110,7 +110,8 @@ def test_the_flags_adapt_what_peft_adapts_with_the_same_settings(argv):
 HF = [("--learning-rate", "1e-3", "lr", 1e-3), ("--num-train-epochs", "7", "epochs", 7),
       ("--per-device-train-batch-size", "4", "batch_size", 4), ("--gradient-accumulation-steps", "3", "grad_accum", 3),
       ("--output-dir", "runs/hf", "out", __import__("pathlib").Path("runs/hf")), ("--warmup-ratio", "0.1", "warmup_ratio", 0.1),
-      ("--lr-scheduler-type", "linear", "schedule", "linear")]
+      ("--lr-scheduler-type", "linear", "schedule", "linear"),
+      ("--lr-scheduler-type", "constant_with_warmup", "schedule", "constant")]   # our constant warms up too
 
 
 @pytest.mark.parametrize("flag, text, field, expected", HF)
