@@ -6,8 +6,8 @@ AdamW lr 1e-3, weight decay 0.01.
   loralab   one optimizer step of loralab.trainer.train (max_steps=1; its History times the step)
   PEFT      peft.get_peft_model, then model(input_ids, labels=input_ids).loss, backward, AdamW step
   floor     the frozen base alone: forward + backward through every frozen layer, no adapters
-fp32, and both again under bf16 autocast (BENCH_TRAIN_BF16=0 skips that pair).  Variants are timed round-robin (one step each per round) so drift
-on the machine hits all alike; the figure is the median over rounds.
+fp32, and both again under bf16 autocast (BENCH_TRAIN_BF16=0 skips that pair).  Variants are timed round-robin
+(one step each per round) so drift on the machine hits all alike; the figure is the median over rounds.
 
 Also: the loss curves of loralab's train() and PEFT's loop from identical adapter weights with dropout 0 on the
 same batches (they must agree), and the peak resident memory of a training step (each variant in a fresh process).
@@ -256,7 +256,8 @@ def main() -> str:
         "loralab: one optimizer step of its own `train()` (the causal-LM loss from the last hidden state in chunks "
         "over the target tokens, loralab/loss.py: the 8x128x32000 logits and their gradient never exist; dropout "
         "masks drawn as 16-bit integers and drawn again in backward instead of kept; SwiGLU MLPs keep only g and u, "
-        "loralab/fused.py; each step's graph dropped before the next forward). PEFT: the standard `model(input_ids, labels=ids).loss` + backward + "
+        "loralab/fused.py; each step's graph dropped before the next forward). PEFT: the standard "
+        "`model(input_ids, labels=ids).loss` + backward + "
         "AdamW loop. The floor: the frozen base with no adapters, forward + backward through every frozen layer "
         "(the matmuls any LoRA step must do). Median of round-robin rounds (one step each per round); "
         f"load average {load:.1f} when the run started.\n\n"

@@ -9,8 +9,9 @@ Autograd keeps g (for silu's backward), silu(g) and u (for the product), and dow
 silu(g) again in backward, and p, wherever down's backward asks for it, is recomputed from the g and u kept
 anyway (a saved-tensor hook: torch.autograd.graph.saved_tensors_hooks).  Two of the four tensors are gone: on
 the reference model (8 x 128 tokens, I = 1408) 88 MB less kept and a peak about 55 MB lower
-(bench/bench_train.py), for two elementwise passes per layer in backward.  The values are the same bits: silu(g) · u computed again, silu's backward by
-aten.silu_backward as autograd's own (tests/test_fused.py checks losses and gradients on every listed class).
+(bench/bench_train.py), for two elementwise passes per layer in backward.  The values are the same bits:
+silu(g) · u computed again, silu's backward by aten.silu_backward as autograd's own (tests/test_fused.py checks
+losses and gradients on every listed class).
 
 Only the transformers classes listed, whose forward is exactly `down(act(gate(x)) * up(x))` with act SiLU,
 unhooked and not already patched, are switched; under gradient checkpointing nothing is (its own saved-tensor
@@ -57,12 +58,12 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
 
     def pack(t):  # p itself (or a view of all of it) as a note to recompute it from g and u
         if t.data_ptr() == p.data_ptr() and t.numel() == p.numel() and t.dtype == p.dtype and t.is_contiguous():
-            return ("p", g, u, t.shape)
+            return g, u, t.shape
         return t
 
     def unpack(saved):
         if isinstance(saved, tuple):
-            _, g_, u_, shape = saved
+            g_, u_, shape = saved
             return (F.silu(g_) * u_).view(shape)
         return saved
 

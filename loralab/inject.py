@@ -318,10 +318,11 @@ def trainable_report(model: nn.Module) -> TrainableReport:
     return TrainableReport(trainable, total, rows)
 
 
-def list_adapters(model: nn.Module) -> list[str]:
-    """Adapter names present in the model, in order of creation."""
+def list_adapters(model: nn.Module, modules=None) -> list[str]:
+    """Adapter names present in the model, in order of creation (`modules`: the model's modules when the
+    caller has already walked them)."""
     names: dict[str, None] = {}
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         if isinstance(module, LoRALinear):
             names.update(dict.fromkeys(module.adapters))
         elif isinstance(module, SavedModule):

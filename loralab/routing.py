@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
-from .inject import check_adapter_names, check_unmerged
+from .inject import check_adapter_names, check_unmerged, list_adapters
 from .layer import LoRALinear
 from .saved import SavedModule
 
@@ -162,9 +162,7 @@ def adapter_rows(model: nn.Module, names: Sequence[str | None]):
     setting is ignored inside and unchanged after; adapters must be unmerged."""
     names = list(names)
     switches = [m for m in model.modules() if isinstance(m, (LoRALinear, SavedModule))]   # one walk: per batch
-    known = set()
-    for m in switches:
-        known.update(m.adapters if isinstance(m, LoRALinear) else m.modules_to_save)
+    known = set(list_adapters(model, switches))
     if any(n is not None and n not in known for n in names):
         check_adapter_names(model, [n for n in names if n is not None])   # raises, naming them
     if any(a.merged for m in switches if isinstance(m, LoRALinear) for a in m.adapters.values()):
