@@ -13,6 +13,8 @@ int8, ...) implements it itself, so the LoRA layer never needs to know how the w
     set_dense_weight(W)            write W (out, in); a quantized base refuses (a silent requantization would
                                    lose the update) unless it offers an explicit path
     device, dtype                  where it computes and in which dtype, without dequantizing anything
+    fresh_output (optional)        True when __call__'s output is a new tensor its backward never reads (the
+                                   LoRA layer may then add its term into it in place, in training too)
 
 `frozen_base(module)` returns the module itself when it implements the protocol, a DenseBase view otherwise,
 and refuses anything else by name.
@@ -64,6 +66,7 @@ class DenseBase:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self.fresh_output = type(module) is nn.Linear   # F.linear keeps x and W for backward, not its output
         self.fan_in_fan_out = is_conv1d(module) or isinstance(module, nn.Embedding)  # stored (in, out)
         w = module.weight
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else \

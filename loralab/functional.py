@@ -24,6 +24,7 @@ factors (no gather, no padding; SGMV-style, `row_segments` + `add_lora_linear_se
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import torch
@@ -52,18 +53,45 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tens
     return (B.float() @ A.float()) * scaling
 
 
-def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None, *,
+              reuse: bool = False) -> tuple[torch.Tensor, float]:
     """Dropout's keep mask for x, i.i.d. Bernoulli(1 - p) (bool, x's shape), and the keep probability.
 
     Drawn as 16-bit uniform integers, four from each 64-bit word of the global generator: about a third of
     the cost of F.dropout, whose bernoulli_ draws a float per element.  p is rounded to a multiple of 2^-16
-    (|error| <= 7.7e-6) and the keep probability returned is the exact one, so E[x·keep / kept] = x."""
+    (|error| <= 7.7e-6) and the keep probability returned is the exact one, so E[x·keep / kept] = x.
+    reuse: the words and the mask live in this thread's scratch buffers (`_scratch`), valid until its next
+    use; the same mask either way."""
     n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None,  # all 64 bits
-                                                                                   generator=generator)
+    words = _scratch((n + 3) // 4, torch.int64, x.device) if reuse else \
+        torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
+    words.random_(-2 ** 63, None, generator=generator)                    # all 64 bits
     lanes = words.view(torch.int16)[:n].view(x.shape)                      # uniform on [-2^15, 2^15)
     cut = min(round(p * 65536), 65535)                                     # drop a lane when below cut - 2^15
+    if reuse:
+        return torch.ge(lanes, cut - 32768, out=_scratch(n, torch.bool, x.device).view(x.shape)), 1.0 - cut / 65536
     return lanes >= cut - 32768, 1.0 - cut / 65536
+
+
+_workspace = threading.local()          # per thread: on CUDA, autograd runs backward in a thread of its own
+
+
+def _scratch(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of `numel` elements that this thread reuses from call to call (grown when too small).
+    For temporaries of the dropout path (words, mask, dropped x): fresh buffers there, one set per projection,
+    were left by the allocator as holes among the activations kept for backward and raised the peak memory of
+    a training step (bench/bench_train.py)."""
+    bufs = _workspace.__dict__.setdefault("bufs", {})
+    buf = bufs.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buf = bufs[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _dropped(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """x where keep, else 0, as (N, in), in this thread's scratch buffer for x's dtype."""
+    out = _scratch(x.numel(), x.dtype, x.device).view(x.shape)
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device), out=out).view(-1, x.shape[-1])
 
 
 def _adapter_input(x: torch.Tensor, dtype: torch.dtype, dropout: float, training: bool,
@@ -93,7 +121,8 @@ def add_lora_linear(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
     matmul (addmm; in place into `out` when `inplace` — only when nothing else holds `out`): this is the
     per-token cost of an unmerged adapter."""
     if dropout and training and torch.is_grad_enabled() and _plain(out, x, A, B):
-        return _DroppedLoRA.apply(out, x, A, B, dropout, scaling)
+        return _DroppedLoRA.apply(out, x, A, B, dropout, scaling,
+                                  inplace and out.is_contiguous())
     x, scale = _adapter_input(x, A.dtype, dropout, training, scaling)
     h = F.linear(x, A) * scale                                                       # (..., r)
     if out.dtype == h.dtype == B.dtype and out.dim() >= 2 and out.is_contiguous():  # (autocast casts only F.linear)
@@ -124,15 +153,17 @@ class _DroppedLoRA(torch.autograd.Function):
     dropped-x path (tests/test_train_dropout.py); the global generator advances exactly as there."""
 
     @staticmethod
-    def forward(ctx, out, x, A, B, p: float, scaling: float):
+    def forward(ctx, out, x, A, B, p: float, scaling: float, inplace: bool = False):
         state = _generator_state(x.device)
-        keep, kept = keep_mask(x, p)
+        keep, kept = keep_mask(x, p, reuse=True)
         s = scaling / kept
-        x2 = torch.where(keep, x, 0.0).reshape(-1, x.shape[-1])                      # (N, in), dropped now
-        h = torch.mm(x2, A.T).mul_(s)                                                # (N, r), scaled
-        del keep, x2
+        h = torch.mm(_dropped(x, keep), A.T).mul_(s)                                 # (N, r), scaled
         ctx.save_for_backward(x, A, B, h)
         ctx.p, ctx.s, ctx.state = p, s, state      # the state: a few KB, not a saved activation
+        if inplace:
+            ctx.mark_dirty(out)
+            out.view(-1, out.shape[-1]).addmm_(h, B.T)
+            return out
         return torch.addmm(out.reshape(-1, out.shape[-1]), h, B.T).view(out.shape)
 
     @staticmethod
@@ -146,13 +177,13 @@ class _DroppedLoRA(torch.autograd.Function):
         if need_x or need_A:
             generator = torch.Generator(x.device)
             generator.set_state(state)
-            keep, _ = keep_mask(x, ctx.p, generator)                                 # the forward's mask
+            keep, _ = keep_mask(x, ctx.p, generator, reuse=True)                     # the forward's mask
             gh = (g @ B).mul_(ctx.s)                                                 # (N, r)
             if need_A:
-                grad_A = gh.T @ torch.where(keep, x, 0.0).reshape(-1, x.shape[-1])  # (r, in)
+                grad_A = gh.T @ _dropped(x, keep)                                    # (r, in)
             if need_x:
                 grad_x = torch.where(keep, (gh @ A).view(x.shape), 0.0)
-        return grad if need_out else None, grad_x, grad_A, grad_B, None, None
+        return grad if need_out else None, grad_x, grad_A, grad_B, None, None, None
 
 
 def lora_embedding(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, *,

@@ -40,7 +40,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, g, u):
         ctx.save_for_backward(g, u)
-        return F.silu(g) * u
+        return F.silu(g).mul_(u)          # in place: one (..., I) buffer, not two (the same bits)
 
     @staticmethod
     def backward(ctx, grad):
@@ -64,7 +64,7 @@ def _forward(self, x: torch.Tensor) -> torch.Tensor:
     def unpack(saved):
         if isinstance(saved, tuple):
             g_, u_, shape = saved
-            return (F.silu(g_) * u_).view(shape)
+            return F.silu(g_).mul_(u_).view(shape)
         return saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):

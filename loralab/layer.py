@@ -164,9 +164,12 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if self.disabled:
             return out
-        # Without autograd the base output is ours alone (unless a hook on the base saw it), so the adapter
-        # is accumulated into it in place instead of into a new (..., out) buffer.
-        inplace = not torch.is_grad_enabled() and not self.base_layer._forward_hooks
+        # The base output is ours alone unless a hook on the base saw it or (with autograd) the base reads it
+        # in backward, so the adapter is accumulated into it in place instead of into a new (..., out) buffer;
+        # in training too where the base says its output is fresh: a new buffer per projection there was left
+        # by the allocator as a hole among the saved activations (peak memory, bench/bench_train.py).
+        inplace = not self.base_layer._forward_hooks and \
+            (not torch.is_grad_enabled() or getattr(self.base, "fresh_output", False) is True)
         for name in self.active:
             adapter = self.adapters[name]
             if not adapter.merged:

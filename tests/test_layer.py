@@ -240,6 +240,38 @@ def test_no_grad_forward_equals_grad_forward_and_leaves_hooked_outputs_alone():
     torch.testing.assert_close(out, with_grad, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_training_adds_into_a_fresh_base_output_in_place_and_leaves_hooked_outputs_alone(dropout):
+    """In training an nn.Linear base's output (which its backward never reads) takes the adapter term in
+    place; with a hook on the base, which may keep that output, a new buffer is made.  Same output and
+    gradients either way."""
+    def run(hooked: bool):
+        torch.manual_seed(5)
+        layer = LoRALinear(nn.Linear(12, 10))
+        layer.add_adapter("default", r=4, lora_alpha=8.0, lora_dropout=dropout)
+        _randomize_B(layer)
+        layer.train()
+        made, seen = [], []
+        plain_forward = layer.base_layer.forward
+        layer.base_layer.forward = lambda t: made.append(plain_forward(t)) or made[-1]
+        if hooked:
+            layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()) or None)
+            layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o) or None)
+        x = torch.randn(3, 4, 12, requires_grad=True)
+        y = layer(x)
+        y.pow(2).sum().backward()
+        if hooked:
+            torch.testing.assert_close(seen[1], seen[0], rtol=0, atol=0)       # the hook's tensor: untouched
+        a = layer.adapters["default"]
+        return y.untyped_storage().data_ptr() == made[0].untyped_storage().data_ptr(), \
+            [t.detach() for t in (y, x.grad, a.lora_A.grad, a.lora_B.grad, layer.base_layer.bias.grad)]
+
+    (shared, got), (hooked_shared, ref) = run(False), run(True)
+    assert shared and not hooked_shared
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 def test_under_autocast_the_adapter_path_follows_autocast_and_stays_close_to_fp32():
     layer = _layer(in_f=64, out_f=32, r=8)
     _randomize_B(layer)

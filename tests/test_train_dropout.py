@@ -124,3 +124,15 @@ def test_training_path_keeps_no_dropped_copy_and_equals_autograd_on_the_dropped_
     big = [t for t in saved if t.is_floating_point() and t.numel() >= x0.numel()]
     assert not any(t.dtype == torch.bool for t in saved)                               # no mask kept
     assert len(big) == 1 and big[0].shape == x0.shape and big[0].dtype == x0.dtype       # x alone
+
+
+def test_mask_from_the_scratch_buffers_equals_a_fresh_one_and_reuses_them():
+    from loralab import functional as LF
+    x = torch.randn(6, 40)
+    state = torch.get_rng_state()
+    fresh, kept = LF.keep_mask(x, 0.2)
+    torch.set_rng_state(state)
+    reused, kept2 = LF.keep_mask(x, 0.2, reuse=True)
+    assert torch.equal(fresh, reused) and kept == kept2
+    ptr = reused.data_ptr()
+    assert LF.keep_mask(x[:3], 0.2, reuse=True)[0].data_ptr() == ptr       # no new buffer for a smaller x

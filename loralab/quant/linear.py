@@ -63,6 +63,7 @@ class NF4Linear(nn.Module):
     the constructor makes an all-zero layer of the right structure (to load a state_dict into)."""
 
     quant_type = "nf4"
+    fresh_output = True          # forward returns a new tensor; backward reads only the codes
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, blocksize: int = 64,
                  double_quant: bool = True, compute_dtype: torch.dtype = torch.float32, device=None):
