@@ -149,6 +149,9 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-remote", action="store_true",
                    help="allow a --host other machines can reach without an API key")
     p.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker (default: torch's)")
+    p.add_argument("--release-memory", action="store_true",
+                   help="let malloc hand freed memory back to the system between batches (default: keep it for "
+                        "the next batch, which spares the page faults of taking it back; serve/memory.py)")
 
 
 def _serve_run(args, say) -> None:
@@ -159,7 +162,8 @@ def _serve_run(args, say) -> None:
                          port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
                          workers=args.workers, max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms,
                          max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                         allow_remote=args.allow_remote, threads=args.threads)
+                         allow_remote=args.allow_remote, threads=args.threads,
+                         keep_freed_memory=not args.release_memory)
     serve(config, json_out=args.json, say=say)
     return None  # with --json, serve() printed {"url": ...} when the server came up
 

@@ -50,8 +50,15 @@ INFERENCE_SEGMENTS = 2   # without autograd, grouped rows in more segments than 
 
 
 def _bank_key(adapters) -> tuple:
-    return tuple((id(a), a.lora_A.data_ptr(), a.lora_A._version, a.lora_B.data_ptr(), a.lora_B._version,
-                  a.scaling) for a in adapters)
+    """What the cached bank depends on: each factor's identity, storage and version, and each scaling.  Read
+    from the modules' dicts directly (not through nn.Module attribute lookup): it runs for every layer of every
+    routed forward, over all of the layer's adapters."""
+    key = []
+    for a in adapters:
+        params = a._parameters
+        A, B = params["lora_A"], params["lora_B"]
+        key += (id(A), A.data_ptr(), A._version, id(B), B.data_ptr(), B._version, a.__dict__["scaling"])
+    return tuple(key)
 
 
 def layer_bank(layer: LoRALinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:

@@ -44,6 +44,7 @@ class ServeConfig:
     max_tokens: int = 512
     allow_remote: bool = False
     threads: int | None = None                    # torch threads per process (default: torch's)
+    keep_freed_memory: bool = True                # malloc keeps freed activations for the next batch (memory.py)
 
     def __post_init__(self):
         if self.workers < 1:
@@ -86,6 +87,9 @@ def build_service(config: ServeConfig):
     if config.threads is not None:
         import torch
         torch.set_num_threads(config.threads)
+    if config.keep_freed_memory:
+        from .memory import keep_freed_memory
+        keep_freed_memory()
     model = load_local_model(config.model)
     tokenizer = _tokenizer_or_none(config.model)
     cfg = model.config
