@@ -7,7 +7,8 @@ alpha=32, dropout 0.05 on all 7 projections; batch 8 x 128; 2 threads; AdamW.
             hidden state in chunks, never the full logits)
   PEFT      bitsandbytes.nn.Linear4bit layers (quant_type nf4, compress_statistics) under peft.get_peft_model,
             the standard `model(input_ids, labels=...).loss` step
-Round-robin timing (one step each per round), medians; peak resident memory of each in a fresh process.
+Each variant timed in fresh processes of its own (two each, alternating; medians of the timed steps), as a user
+runs it; peak resident memory of each in a fresh process.
 """
 
 from __future__ import annotations
@@ -49,15 +50,24 @@ def timed_step(kind: str, model, opt, ids: torch.Tensor) -> float:
     return train_step(model, ids) if kind == "loralab" else peft_step(model, opt, ids)
 
 
-def time_steps(rounds: int = 8, warmup: int = 2) -> dict[str, float]:
-    models = {kind: build(kind) for kind in ("loralab", "PEFT")}
-    opts = {kind: optimizer(m) for kind, m in models.items()}
-    times = {kind: [] for kind in models}
-    for i in range(warmup + rounds):
-        for kind, model in models.items():
-            seconds = timed_step(kind, model, opts[kind], batch(i))
-            if i >= warmup:
-                times[kind].append(seconds)
+def _step_times_child(kind: str, steps: int, warmup: int) -> list[float]:
+    """In a fresh process: seconds of each of `steps` steps of one variant, after `warmup` steps."""
+    torch.set_num_threads(2)
+    model = build(kind)
+    opt = optimizer(model)
+    times = [timed_step(kind, model, opt, batch(i)) for i in range(warmup + steps)]
+    return times[warmup:]
+
+
+def time_steps(steps: int = 8, warmup: int = 3, repeats: int = 2) -> dict[str, float]:
+    """Median seconds per step, each variant in its own fresh process as a user runs it (`repeats` processes
+    per variant, alternating order; one shared process would make PEFT's step pay for the other's heap)."""
+    times = {"loralab": [], "PEFT": []}
+    for rep in range(repeats):
+        for kind in (("loralab", "PEFT") if rep % 2 == 0 else ("PEFT", "loralab")):
+            proc = subprocess.run([sys.executable, __file__, "--time", kind, str(steps), str(warmup)],
+                                  capture_output=True, text=True, timeout=900, check=True)
+            times[kind] += json.loads(proc.stdout.strip().splitlines()[-1])
     return {kind: statistics.median(t) for kind, t in times.items()}
 
 
@@ -93,7 +103,9 @@ def main() -> str:
             "loralab: `add_lora(..., quantize=\"nf4\")` and one optimizer step of its own `train()` (the loss from "
             "the hidden states in chunks); "
             "PEFT: bitsandbytes `Linear4bit` (nf4, double quantization) under `get_peft_model`, "
-            "`model(input_ids, labels=...).loss`. Median of round-robin steps; peak RSS (VmHWM) in a fresh process "
+            "`model(input_ids, labels=...).loss`. Each variant timed in fresh processes of its own (two each, "
+            "alternating order; 3 warm-up steps, then 8 timed; the median over all 16); peak RSS (VmHWM) in a "
+            "fresh process "
             "after building and after 2 steps.\n\n"
             "| variant | s/step | vs PEFT | built MB | peak MB |\n| --- | ---: | ---: | ---: | ---: |\n" + rows +
             f"\n\nloralab / PEFT + bitsandbytes step time: **{ratio:.2f}x** (target <= 0.80x); peak memory "
@@ -103,5 +115,7 @@ def main() -> str:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--memory":
         print(json.dumps(_child(sys.argv[2])))
+    elif len(sys.argv) == 5 and sys.argv[1] == "--time":
+        print(json.dumps(_step_times_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
     else:
         print(main())
