@@ -136,6 +136,20 @@ def test_the_accelerator_path_gives_the_same_bytes(monkeypatch):
     assert torch.equal(dequantize_nf4(packed, state, torch.float32), values32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_whole_tensor_and_split_dequantization_give_bitsandbytes_values(monkeypatch, dtype):
+    """Up to nf4._WHOLE values a CPU dequantization is three whole-tensor ops, beyond it the split path; both
+    give bitsandbytes' values (the split path forced here on a small tensor, several parts and a rest)."""
+    w = _weight((96, 700), dtype, seed=9)
+    ref_packed, ref, ref_values = _bnb(w, 64, True)
+    packed, state = quantize_nf4(w, double_quant=True)
+    whole = dequantize_nf4(packed, state)
+    monkeypatch.setattr(nf4_module, "_WHOLE", 0)
+    monkeypatch.setattr(parallel, "MIN_PART", 1 << 12)
+    split = dequantize_nf4(packed, state)
+    assert torch.equal(whole, ref_values) and torch.equal(split, ref_values)
+
+
 def test_a_large_output_asks_for_huge_pages_inside_its_own_buffer(monkeypatch):
     calls = []
     monkeypatch.setattr(parallel, "_madvise", lambda addr, size, advice: calls.append((addr, size, advice)) or 0)
