@@ -13,8 +13,9 @@ int8, ...) implements it itself, so the LoRA layer never needs to know how the w
     set_dense_weight(W)            write W (out, in); a quantized base refuses (a silent requantization would
                                    lose the update) unless it offers an explicit path
     device, dtype                  where it computes and in which dtype, without dequantizing anything
-    fresh_output (optional)        True when __call__'s output is a new tensor its backward never reads (the
-                                   LoRA layer may then add its term into it in place, in training too)
+    fresh_output (optional)        True when __call__'s output is a new tensor its backward never reads and
+                                   not a view made inside a custom autograd Function (the LoRA layer may then
+                                   add its term into it in place, in training too)
 
 `frozen_base(module)` returns the module itself when it implements the protocol, a DenseBase view otherwise,
 and refuses anything else by name.

@@ -191,8 +191,11 @@ class NF4Linear(nn.Module):
         """x: (..., in) -> (..., out), computed in the compute dtype and returned in x's dtype."""
         if x.shape[-1] != self.in_features:
             raise ValueError(f"NF4Linear expects inputs (..., {self.in_features}), got {tuple(x.shape)}")
-        y = _NF4LinearFunction.apply(x.to(self.compute_dtype), self.weight_packed, self.state, self.bias)
-        return y.to(x.dtype)
+        # 2-D through the Function, reshaped outside it: a view made inside a custom Function may not be written
+        # in place later, and a LoRA layer adds its term into this output in place (fresh_output)
+        y = _NF4LinearFunction.apply(x.to(self.compute_dtype).reshape(-1, self.in_features), self.weight_packed,
+                                     self.state, self.bias)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _apply(self, fn, recurse=True):
         """Casts (.half(), .to(bf16)) set the compute dtype; moves move the codes; nothing recasts the codes."""
