@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import functional as LF
-from .base import FrozenBase, frozen_base, is_conv1d, module_dims
+from .base import frozen_base, is_conv1d, module_dims
 from .functional import adapter_dtype, delta_weight, lora_scaling
 from .inits import init_factors, rewrites_base
 
