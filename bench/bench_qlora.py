@@ -14,8 +14,6 @@ runs it; peak resident memory of each in a fresh process.
 from __future__ import annotations
 
 import json
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_inference import TARGETS, reference_model  # noqa: E402
-from bench_train import BATCH, SEQ, _peak_rss_mb, batch, optimizer, peft_step, train_step  # noqa: E402
+from bench_train import (BATCH, SEQ, _peak_rss_mb, batch, child_json, optimizer, peft_step,  # noqa: E402
+                         time_in_processes, train_step)
 
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS)
 
@@ -60,15 +59,9 @@ def _step_times_child(kind: str, steps: int, warmup: int) -> list[float]:
 
 
 def time_steps(steps: int = 8, warmup: int = 3, repeats: int = 2) -> dict[str, float]:
-    """Median seconds per step, each variant in its own fresh process as a user runs it (`repeats` processes
-    per variant, alternating order; one shared process would make PEFT's step pay for the other's heap)."""
-    times = {"loralab": [], "PEFT": []}
-    for rep in range(repeats):
-        for kind in (("loralab", "PEFT") if rep % 2 == 0 else ("PEFT", "loralab")):
-            proc = subprocess.run([sys.executable, __file__, "--time", kind, str(steps), str(warmup)],
-                                  capture_output=True, text=True, timeout=900, check=True)
-            times[kind] += json.loads(proc.stdout.strip().splitlines()[-1])
-    return {kind: statistics.median(t) for kind, t in times.items()}
+    """Median seconds per step, each variant in fresh processes of its own (bench_train.time_in_processes; one
+    shared process would make PEFT's step pay for the other's heap)."""
+    return time_in_processes(__file__, ["loralab", "PEFT"], steps, warmup, repeats)
 
 
 def _child(kind: str) -> dict:
@@ -84,9 +77,7 @@ def _child(kind: str) -> dict:
 def peak_memory() -> dict[str, dict]:
     out = {}
     for kind in ("loralab", "PEFT"):
-        proc = subprocess.run([sys.executable, __file__, "--memory", kind], capture_output=True, text=True,
-                              timeout=900, check=True)
-        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[kind] = child_json(__file__, "--memory", kind)
     return out
 
 

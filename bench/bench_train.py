@@ -149,17 +149,28 @@ def _step_times_child(kind: str, steps: int, warmup: int) -> list[float]:
     return times[warmup:]
 
 
-def time_steps(steps: int = 8, warmup: int = 3, repeats: int = 2) -> dict[str, float]:
-    """Median seconds per step of each variant, each run in its own fresh process as a user runs it
-    (`repeats` processes per variant, the variants in alternating order so that drift hits all alike)."""
-    kinds = [k for k in VARIANTS if BF16 or "bf16" not in k]
+def child_json(script: str, *args) -> object:
+    """Run `python script args...` in a fresh process; the JSON it prints last."""
+    proc = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
+                          timeout=900, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def time_in_processes(script: str, kinds, steps: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Median seconds per step of each variant, each run by `script --time KIND STEPS WARMUP` in a fresh
+    process of its own, as a user runs it (`repeats` processes per variant, the variants in alternating order so
+    that drift hits all alike)."""
     times = {kind: [] for kind in kinds}
     for rep in range(repeats):
         for kind in (kinds if rep % 2 == 0 else kinds[::-1]):
-            proc = subprocess.run([sys.executable, __file__, "--time", kind, str(steps), str(warmup)],
-                                  capture_output=True, text=True, timeout=900, check=True)
-            times[kind] += json.loads(proc.stdout.strip().splitlines()[-1])
+            times[kind] += child_json(script, "--time", kind, steps, warmup)
     return {kind: statistics.median(t) for kind, t in times.items()}
+
+
+def time_steps(steps: int = 8, warmup: int = 3, repeats: int = 2) -> dict[str, float]:
+    """Median seconds per step of each variant (time_in_processes)."""
+    kinds = [k for k in VARIANTS if BF16 or "bf16" not in k]
+    return time_in_processes(__file__, kinds, steps, warmup, repeats)
 
 
 def copy_into_peft(ours, theirs) -> None:
@@ -226,9 +237,7 @@ def _peak_rss_child(kind: str, size: str) -> dict:
 def peak_memory(size: str, kinds=("model only", "loralab", "PEFT", "full fine-tuning")) -> dict[str, dict]:
     out = {}
     for kind in kinds:
-        proc = subprocess.run([sys.executable, __file__, "--memory", kind, size], capture_output=True, text=True,
-                              timeout=900, check=True)
-        out[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+        out[kind] = child_json(__file__, "--memory", kind, size)
     return out
 
 

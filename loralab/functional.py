@@ -68,9 +68,8 @@ def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = Non
     words.random_(-2 ** 63, None, generator=generator)                    # all 64 bits
     lanes = words.view(torch.int16)[:n].view(x.shape)                      # uniform on [-2^15, 2^15)
     cut = min(round(p * 65536), 65535)                                     # drop a lane when below cut - 2^15
-    if reuse:
-        return torch.ge(lanes, cut - 32768, out=_scratch(n, torch.bool, x.device).view(x.shape)), 1.0 - cut / 65536
-    return lanes >= cut - 32768, 1.0 - cut / 65536
+    out = _scratch(n, torch.bool, x.device).view(x.shape) if reuse else None
+    return torch.ge(lanes, cut - 32768, out=out), 1.0 - cut / 65536
 
 
 _workspace = threading.local()          # per thread: on CUDA, autograd runs backward in a thread of its own

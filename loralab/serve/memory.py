@@ -4,9 +4,9 @@ By default glibc's malloc returns large freed blocks to the kernel: a block abov
 moves between 128 KiB and 32 MiB) is unmapped when freed, and the heap is cut back whenever its free top
 exceeds twice that threshold.  A server's forward allocates and frees the same activation sizes every batch,
 so each batch takes that memory back from the kernel page by page, every 4 KiB page a fault that the kernel
-zeroes: on the reference model a 32-row prefill took about 187,000 faults (730 MB), and ran 9-14% faster without them
-(bench/bench_serve.py).  `keep_freed_memory` fixes both thresholds high (mallopt): freed activations stay in
-the process and the next batch reuses them without a fault.  The price is that the resident size stays at
+zeroes: on the reference model a 32-row prefill took about 187,000 faults (730 MB), and ran 9-14% faster
+without them (bench/bench_serve.py).  `keep_freed_memory` fixes both thresholds high (mallopt): freed
+activations stay in the process and the next batch reuses them without a fault.  The price is that the resident size stays at
 the largest batch's working set instead of shrinking between batches, which is what a server wants anyway.
 
 Only glibc (Linux) has these settings; elsewhere nothing changes.  `loralab serve --release-memory` keeps
@@ -37,4 +37,6 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    mmap_set = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)      # both set, whatever the first answers
+    trim_set = mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return bool(mmap_set and trim_set)
