@@ -225,8 +225,10 @@ def test_classify_rows_equal_each_adapter_alone(tmp_path):
 
 
 def test_a_serving_process_keeps_freed_memory_for_the_next_batch():
-    """After keep_freed_memory, freeing and allocating activation-sized blocks again takes no page faults
-    (with glibc's defaults each round takes its memory back from the kernel, page by page)."""
+    """After keep_freed_memory, freeing and allocating activation-sized blocks again takes (almost) no page
+    faults; with glibc's defaults each round takes its memory back from the kernel, page by page.  The heap
+    may still grow once by a block (where the kernel puts the heap varies by machine), hence a bound of
+    a few blocks' pages over 8 rounds, against 24 blocks' pages with the defaults."""
     import subprocess
     import sys
     code = """
@@ -234,7 +236,7 @@ import json, resource, torch
 from loralab.serve.memory import keep_freed_memory
 def faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(4):     # 40 MB blocks made and freed: above 32 MiB glibc always maps them afresh
+    for _ in range(8):     # 40 MB blocks made and freed: above 32 MiB glibc always maps them afresh
         a = torch.ones(10 << 20); b = torch.ones(10 << 20); del a; c = torch.ones(10 << 20); del b, c
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 faults()
@@ -249,5 +251,6 @@ print(json.dumps({"default": default, "kept": kept, "after": faults()}))
         assert got["kept"] is False
         return
     assert got["kept"] is True
-    assert got["default"] > 20_000              # each round faulted its 120 MB in again
-    assert got["after"] < got["default"] / 20
+    block_pages = (40 << 20) // 4096
+    assert got["default"] > 20 * block_pages     # each round faulted its 3 blocks in again
+    assert got["after"] < 4 * block_pages
