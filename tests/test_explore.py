@@ -117,6 +117,15 @@ def test_an_untrained_adapter_has_zero_singular_values_and_undefined_energy():
         factored_svd(np.full((2, 3), np.nan), np.ones((4, 2)), 1.0)
 
 
+def test_spectrum_refuses_factors_that_do_not_fit():
+    from loralab.explore.spectrum import Spectrum
+    U, S, Vt = np.eye(3)[:, :2], np.array([2.0, 1.0]), np.eye(2, 4)
+    assert Spectrum(U, S, Vt).shape == (3, 4)
+    for bad in [(U, S[:1], Vt), (U, S, np.eye(3, 4)), (U, S, Vt[0]), (U, S[::-1], Vt)]:
+        with pytest.raises(ValueError, match="do not fit|descending"):
+            Spectrum(*bad)
+
+
 # ---- the endpoints ----------------------------------------------------------------------------------------
 def test_listing_names_the_builtins_and_every_adapted_module(server, adapted):
     status, listing = get_json(server, "/api/matrices")

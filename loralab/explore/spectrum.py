@@ -38,8 +38,8 @@ class Spectrum:
     Vt: np.ndarray
 
     def __post_init__(self):
-        (m, K), (K2, n) = self.U.shape, self.Vt.shape
-        if self.S.shape != (K,) or K2 != K:
+        K = self.U.shape[-1]
+        if self.U.ndim != 2 or self.Vt.ndim != 2 or self.S.shape != (K,) or self.Vt.shape[0] != K:
             raise ValueError(f"SVD factors do not fit: U {self.U.shape}, S {self.S.shape}, Vt {self.Vt.shape}")
         if K and (np.any(self.S < 0) or np.any(np.diff(self.S) > 0)):
             raise ValueError("singular values must be non-negative and sorted in descending order")
