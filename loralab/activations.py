@@ -29,7 +29,16 @@ comes before its first adapter when no earlier block has one.  tests/test_activa
 against the bytes autograd really keeps (saved-tensor hooks) for a small Llama, in fp32 and bf16.
 
 The peak adds what exists only at the start of backward: the logits returned by the model (p·V per token)
-and the fp32 gradient of the log-probabilities (4V).  With gradient checkpointing (non-reentrant, per
+and the fp32 gradient of the log-probabilities (4V).
+
+That is a standard step, `model(input_ids, labels=...).loss` (as with PEFT or the Hugging Face Trainer).
+`loralab train` keeps less (`loss="chunked"`, `fused_mlp=True`), and these terms change:
+    loss        no log-probabilities, labels or logits: the chunked loss (loss.py) keeps ∂loss/∂h of the
+                target positions, p·h each, and their one-byte mask: batch·(seq − 1)·(p·h + 1) in all; while
+                it runs, one chunk's logits and their fp32 log-softmax, rows·V·(p + 4) (+ rows·V·p for the
+                16-bit copy of the gradient when p < 4), in place of the (T, V) logits and their gradient
+    MLP         2·p·f: gate and up only (fused.py; not under gradient checkpointing), and down_proj's adapter
+                no longer keeps its f-wide input when a == p (recomputed from gate and up in backward)  With gradient checkpointing (non-reentrant, per
 block) each block keeps only its input (p·h per token) and one block is recomputed during backward, so
 the peak adds that block's tensors once.
 
@@ -42,7 +51,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Activations", "activation_memory", "block_bytes_per_token"]
+__all__ = ["Activations", "activation_memory", "block_bytes_per_token", "LOSSES"]
 
 LOSS_BYTES = 4   # the fp32 loss scalar
 
@@ -71,9 +80,10 @@ def _norm_input(shape, p: int) -> int:
     return 4 * shape.hidden + 4 if shape.rms_norm else p * shape.hidden + 8
 
 
-def _adapter_terms(mods, shape, p: int, r: int, dropout: float, a: int) -> int:
+def _adapter_terms(mods, shape, p: int, r: int, dropout: float, a: int, fused_mlp: bool = False) -> int:
     """Bytes per token that adapters on `mods` (one block, or the modules outside the blocks) keep, with the
-    adapter path computing in `a` bytes (4: loralab's fp32 path; p: under autocast)."""
+    adapter path computing in `a` bytes (4: loralab's fp32 path; p: under autocast); fused_mlp: down_proj's
+    input is recomputed in backward (fused.py)."""
     total = 0
     for m in mods:
         total += a * r                    # A·x, for B's grad
@@ -83,7 +93,7 @@ def _adapter_terms(mods, shape, p: int, r: int, dropout: float, a: int) -> int:
             total += (a + 1) * m.in_features          # the dropped copy and a one-byte mask
         elif a != p or m.role == "other":
             total += a * m.in_features                # x cast to the adapter's dtype: one copy per module
-        elif m.role == "mlp_out":
+        elif m.role == "mlp_out" and not fused_mlp:
             total += p * m.in_features    # the f-wide product, otherwise not kept by a frozen down_proj
     if dropout == 0 and a == p:           # x is the base's own tensor: q/k/v and gate/up share theirs
         roles = {m.role for m in mods}
@@ -92,20 +102,21 @@ def _adapter_terms(mods, shape, p: int, r: int, dropout: float, a: int) -> int:
 
 
 def block_bytes_per_token(shape, p: int, *, full: bool, adapted=(), r: int = 0, lora_dropout: float = 0.0,
-                          adapter_bytes: int = 4) -> dict:
+                          adapter_bytes: int = 4, fused_mlp: bool = False) -> dict:
     """The terms of one block, bytes per token: norms, attention, mlp, linear_inputs, adapters."""
     h, kv, f = shape.hidden, shape.kv_hidden, shape.intermediate
+    fused_mlp = fused_mlp and shape.gated_mlp
     return {"norms": 2 * _norm_input(shape, p) + (2 * p * h if full and shape.rms_norm else 0),
             "attention": p * (2 * h + 2 * kv) + 4 * shape.heads,
-            "mlp": p * (3 * f if shape.gated_mlp else f),
+            "mlp": p * ((2 if fused_mlp else 3) * f if shape.gated_mlp else f),
             "linear_inputs": p * (2 * h + f) if full else 0,
-            "adapters": _adapter_terms(adapted, shape, p, r, lora_dropout, adapter_bytes)}
+            "adapters": _adapter_terms(adapted, shape, p, r, lora_dropout, adapter_bytes, fused_mlp)}
 
 
 _ORDER = ("attn_in", "attn_out", "mlp_in", "mlp_out")
 
 
-def _first_block(terms: dict, mods, shape, p: int, dropout: float, a: int) -> dict:
+def _first_block(terms: dict, mods, shape, p: int, dropout: float, a: int, fused_mlp: bool = False) -> dict:
     """Under LoRA, nothing before the first adapted module needs a gradient, so the first adapted block
     keeps nothing of what comes before it (its input norm, attention when q/k/v are not adapted, ...)."""
     roles = {m.role for m in mods}
@@ -120,6 +131,8 @@ def _first_block(terms: dict, mods, shape, p: int, dropout: float, a: int) -> di
             out["adapters"] += p * shape.hidden      # o_proj's input is no longer kept by attention
     if first == "mlp_out":
         out["mlp"] = 0
+        if fused_mlp and shape.gated_mlp and a == p and dropout == 0:
+            out["adapters"] += p * shape.intermediate   # no gradient reaches the product: it is kept as is
     if dropout > 0:                                     # no mask where the input needs no gradient
         out["adapters"] -= sum(m.in_features for m in _first_role(mods))
     return out
@@ -141,24 +154,25 @@ def _start(shape, full: bool, by_layer: dict) -> int | None:
 
 
 def _kept(blocks: list[dict], shape, start, first_is_partial: bool, by_layer: dict, p: int, dropout: float,
-          a: int) -> list[int]:
+          a: int, fused_mlp: bool) -> list[int]:
     """Bytes per token each block keeps: nothing before `start`, part of the block at `start` under LoRA."""
     kept = []
     for i, terms in enumerate(blocks):
         if start is None or i < start:
             terms = {}
         elif i == start and first_is_partial:
-            terms = _first_block(terms, by_layer[i], shape, p, dropout, a)
+            terms = _first_block(terms, by_layer[i], shape, p, dropout, a, fused_mlp)
         kept.append(sum(terms.values()))
     return kept
 
 
-def _outside(shape, p: int, full: bool, grads_in_blocks: bool, outside_adapters: int) -> int:
-    """Bytes per token kept outside the blocks: final norm, labels, fp32 log-probs (and ids, head input)."""
+def _outside(shape, p: int, full: bool, grads_in_blocks: bool, outside_adapters: int, chunked: bool) -> int:
+    """Bytes per token kept outside the blocks: final norm, labels, fp32 log-probs (and ids, head input); with
+    the chunked loss not the labels and log-probs (counted per target position instead: `activation_memory`)."""
     if not shape.vocab:
         return outside_adapters + (8 if full else 0)
     final_norm = _norm_input(shape, p) + (p * shape.hidden if full and shape.rms_norm else 0)
-    return ((final_norm if grads_in_blocks else 0) + 8 + 4 * shape.vocab
+    return ((final_norm if grads_in_blocks else 0) + (0 if chunked else 8 + 4 * shape.vocab)
             + (8 + p * shape.hidden if full else 0) + outside_adapters)
 
 
@@ -180,13 +194,29 @@ def _autocast_copies(by_layer: dict, start, first_is_partial: bool, a: int, r: i
     return copies
 
 
+LOSSES = ("logits", "chunked")
+
+
+def _loss_text(chunked: bool, targets: int, p: int, h: int) -> str:
+    return f" + {targets:,} targets × ({p}·{h} + 1) B of the chunked loss" if chunked else ""
+
+
 def activation_memory(shape, *, batch: int, seq: int, act_bytes: int, full: bool = False, adapted=(), r: int = 0,
-                      lora_dropout: float = 0.0, gradient_checkpointing: bool = False,
-                      autocast: bool = False) -> Activations:
+                      lora_dropout: float = 0.0, gradient_checkpointing: bool = False, autocast: bool = False,
+                      loss: str = "logits", loss_chunk_rows: int = 0, fused_mlp: bool = False) -> Activations:
     """Activation bytes of a training step.  `adapted`: the Candidates carrying adapters (LoRA), each of
     rank r; `full`: every weight trains instead (full fine-tuning); `autocast`: the step runs under
-    torch.autocast in act_bytes, so the adapter path computes in 16 bits too (loralab train --bf16)."""
+    torch.autocast in act_bytes, so the adapter path computes in 16 bits too (loralab train --bf16).
+    loss "logits": the model returns the (T, V) logits and the loss is taken from them (a standard step);
+    "chunked": from the last hidden state, `loss_chunk_rows` rows at a time (loss.py, as `loralab train`
+    runs causal LMs).  fused_mlp: SwiGLU MLPs keep gate and up only (fused.py; off under checkpointing)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss={loss!r}: choose one of {', '.join(LOSSES)}")
     p, T, h, V = act_bytes, batch * seq, shape.hidden, shape.vocab
+    chunked = loss == "chunked" and bool(V)
+    if chunked and loss_chunk_rows <= 0:
+        raise ValueError("the chunked loss needs loss_chunk_rows, the rows of one chunk (loss.chunk_rows(V))")
+    fused_mlp = fused_mlp and not gradient_checkpointing
     a = p if autocast else 4
     if a == p and not autocast:
         lora_dropout = 0.0          # functional._DroppedLoRA: nothing of the dropout is kept for backward
@@ -196,12 +226,15 @@ def activation_memory(shape, *, batch: int, seq: int, act_bytes: int, full: bool
     start = _start(shape, full, by_layer)
     partial = start is not None and not full and bool(by_layer.get(start))   # LoRA: gradients begin inside it
     blocks = [block_bytes_per_token(shape, p, full=full, adapted=by_layer.get(i, ()), r=r, lora_dropout=lora_dropout,
-                                    adapter_bytes=a) for i in range(shape.layers)]
-    kept = _kept(blocks, shape, start, partial, by_layer, p, lora_dropout, a)
+                                    adapter_bytes=a, fused_mlp=fused_mlp) for i in range(shape.layers)]
+    kept = _kept(blocks, shape, start, partial, by_layer, p, lora_dropout, a, fused_mlp)
     widest = max(range(shape.layers), key=lambda i: sum(blocks[i].values()))
     per_block = sum(blocks[widest].values())
     rest = _outside(shape, p, full, start is not None,
-                    _adapter_terms(by_layer.get(None, ()), shape, p, r, lora_dropout, a))
+                    _adapter_terms(by_layer.get(None, ()), shape, p, r, lora_dropout, a), chunked)
+    targets = batch * (seq - 1)
+    # the chunked loss: ∂loss/∂h of every target position and their mask, in place of a fp32 loss scalar
+    loss_kept = targets * (p * h + 1) if chunked else LOSS_BYTES
     if not full and any(m.kind == "Embedding" for m in adapted):
         rest += 8                                       # the token ids, for the embedding adapter's backward
     copies = _autocast_copies(by_layer, start, partial, a, r) if autocast and a < 4 else {}
@@ -209,19 +242,27 @@ def activation_memory(shape, *, batch: int, seq: int, act_bytes: int, full: bool
     lines = ["per token, the widest block: " + " + ".join(f"{k} {v:,}" for k, v in blocks[widest].items())
              + f" = {per_block:,} B"]
     if gradient_checkpointing:
-        saved = shape.layers * T * p * h + T * rest + copies.get(None, 0) + LOSS_BYTES
+        saved = shape.layers * T * p * h + T * rest + copies.get(None, 0) + loss_kept
         recompute = T * per_block + copies.get(widest, 0)
         lines.append(f"checkpointing keeps each block's input: {shape.layers} × {T:,} tokens × {p}·{h} B "
-                     f"+ {T:,} × {rest:,} B outside the blocks = {saved:,} B; one block recomputed in backward: "
-                     f"{T:,} × {per_block:,} B = {recompute:,} B")
+                     f"+ {T:,} × {rest:,} B outside the blocks" + _loss_text(chunked, targets, p, h)
+                     + f" = {saved:,} B; one block recomputed in backward: {T:,} × {per_block:,} B = {recompute:,} B")
     else:
-        saved, recompute = T * (sum(kept) + rest) + rope + sum(copies.values()) + LOSS_BYTES, 0
+        saved, recompute = T * (sum(kept) + rest) + rope + sum(copies.values()) + loss_kept, 0
         lines.append(f"{T:,} tokens × ({sum(kept):,} B in {shape.layers} blocks + {rest:,} B outside them)"
                      + (f" + {rope:,} B rope tables" if rope else "")
                      + (f" + {sum(copies.values()):,} B autocast copies of A and B" if copies else "")
+                     + _loss_text(chunked, targets, p, h)
                      + f" = {saved:,} B")
-    at_backward = T * V * (p + 4)
-    if V:
-        lines.append(f"at the start of backward: the logits and the grad of the log-probs, {T:,} × {V:,} × "
-                     f"({p} + 4) B = {at_backward:,} B")
+    if chunked:
+        rows = min(loss_chunk_rows, targets)
+        per_row = p + 4 + (p if p < 4 else 0)
+        at_backward = rows * V * per_row
+        lines.append(f"while the chunked loss runs: one chunk's logits and log-softmax, {rows:,} rows × {V:,} × "
+                     f"{per_row} B = {at_backward:,} B (no (tokens, vocab) logits)")
+    else:
+        at_backward = T * V * (p + 4)
+        if V:
+            lines.append(f"at the start of backward: the logits and the grad of the log-probs, {T:,} × {V:,} × "
+                         f"({p} + 4) B = {at_backward:,} B")
     return Activations(T, per_block, blocks[widest], saved, at_backward, recompute, tuple(lines))

@@ -249,7 +249,7 @@ def _diff_run(args, say) -> dict:
 
 
 def _estimate_args(p: argparse.ArgumentParser) -> None:
-    from .estimate import DTYPE_BYTES, EstimateConfig as C, parse_bytes, parse_count
+    from .estimate import DTYPE_BYTES, LOOPS, EstimateConfig as C, parse_bytes, parse_count
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--params", type=checked(parse_count), metavar="COUNT",
                        help="parameter count (7e9, 7B, 125M); widths from a Llama-style layout")
@@ -276,6 +276,10 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
                    help="N fine-tuned variants: N full copies vs the base + N adapter files")
     p.add_argument("--adapter-dtype", choices=tuple(DTYPE_BYTES), default=C.adapter_dtype,
                    help=f"dtype of the adapter file (default {C.adapter_dtype}, what loralab saves)")
+    p.add_argument("--loop", choices=tuple(LOOPS), default=C.loop,
+                   help="whose training step the activations are of: loralab (`loralab train`: the causal-LM loss "
+                        "in chunks, no (tokens, vocab) logits; fused SwiGLU) or standard (model(input_ids, "
+                        f"labels).loss, as with PEFT or the HF Trainer); default {C.loop}")
 
 
 def _estimate_run(args, say) -> dict:
@@ -284,7 +288,7 @@ def _estimate_run(args, say) -> dict:
                             quant=args.quant, double_quant=not args.no_double_quant, batch=args.batch,
                             seq=args.seq, dtype=args.dtype, gradient_checkpointing=args.gradient_checkpointing,
                             autocast=args.autocast, lora_dropout=args.lora_dropout, gpu_memory=args.gpu_memory,
-                            variants=args.variants, adapter_dtype=args.adapter_dtype)
+                            variants=args.variants, adapter_dtype=args.adapter_dtype, loop=args.loop)
     result = estimate(config)
     for line in result.pop("text"):
         say(line)

@@ -18,7 +18,11 @@ NF4 (bitsandbytes' layout): 4 bits per parameter, plus per block of 64 parameter
     double quantization: absmax in 8 bits, plus an fp32 absmax per 256 blocks   4 + 8/64 + 32/(64·256) = 4.127 bits
 (and one fp32 offset per tensor, which nf4_storage_bytes counts and the per-parameter figure leaves out).
 Adapter file: n · bytes per adapter weight (tensor data; the safetensors header adds a few kB).
-Activations: see activations.py (a tensor-by-tensor count checked against autograd).
+Activations: see activations.py (a tensor-by-tensor count checked against autograd), of `loralab train`'s
+step by default (loop "loralab": the causal-LM loss from the last hidden state in chunks, never the (tokens,
+vocab) logits, where loss.py supports the architecture; SwiGLU MLPs keeping gate and up only, fused.py), or
+of a standard `model(input_ids, labels=...).loss` step (loop "standard", as with PEFT or the HF Trainer).
+Full fine-tuning is always counted as a standard step.
 The CUDA context, the allocator's fragmentation and the data loader are not counted.
 """
 
@@ -31,7 +35,8 @@ from dataclasses import asdict, dataclass
 from .activations import activation_memory
 
 __all__ = ["EstimateConfig", "estimate", "estimate_text", "nf4_bits_per_parameter", "nf4_storage_bytes",
-           "full_finetune_bytes", "FULL_FINETUNE", "DTYPE_BYTES", "parse_count", "parse_bytes"]
+           "full_finetune_bytes", "loop_savings", "FULL_FINETUNE", "DTYPE_BYTES", "LOOPS", "parse_count",
+           "parse_bytes"]
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAPTER_STATE_BYTES = 4 + 4 + 4 + 4          # fp32 adapter weight, grad, Adam m, Adam v
@@ -42,6 +47,7 @@ FULL_FINETUNE = {  # name: (description, bytes per parameter: weights, grads, fp
     "16bit": ("16-bit weights, grads and Adam (the '3x' rule)", (2, 2, 0, 2, 2)),
 }
 QUANT = ("nf4",)
+LOOPS = {"loralab": "loralab train's step", "standard": "a standard model(input_ids, labels).loss step"}
 _UNITS = {"b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 _COUNT_SUFFIX = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "b": 10 ** 9, "t": 10 ** 12}
@@ -127,6 +133,7 @@ class EstimateConfig:
     gpu_memory: int | None = None          # bytes; answers "will it fit"
     variants: int | None = None            # N fine-tuned variants: N full copies vs base + N adapters
     adapter_dtype: str = "fp32"            # of the saved adapter file (loralab writes fp32)
+    loop: str = "loralab"                  # whose training step: LOOPS
 
     def __post_init__(self):
         if (self.params is None) == (self.model is None):
@@ -138,6 +145,8 @@ class EstimateConfig:
         for name in ("dtype", "adapter_dtype"):
             if getattr(self, name) not in DTYPE_BYTES:
                 raise ValueError(f"{name}={getattr(self, name)!r}: choose one of {', '.join(DTYPE_BYTES)}")
+        if self.loop not in LOOPS:
+            raise ValueError(f"loop={self.loop!r}: choose one of {', '.join(LOOPS)}")
         if self.quant is not None and self.quant not in QUANT:
             raise ValueError(f"quant={self.quant!r}: the only quantization is 'nf4' (or none)")
         if isinstance(self.lora_dropout, bool) or not 0 <= self.lora_dropout < 1:
@@ -157,6 +166,19 @@ def _shape(config: EstimateConfig):
     return model_shape(config.model) if config.model is not None else llama_like_shape(config.params)
 
 
+def loop_savings(shape, loop: str) -> dict:
+    """What of `loralab train`'s memory savings applies to this architecture under `loop`: the chunked
+    causal-LM loss (loss.PLAIN_HEAD_MODELS) and the fused SwiGLU MLP (fused.SWIGLU_MLPS), as
+    activation_memory's keyword arguments."""
+    from .fused import SWIGLU_MLPS
+    from .loss import PLAIN_HEAD_MODELS, chunk_rows
+    arch = shape.architecture.split(" ")[0]         # "LlamaForCausalLM (layout)" for a bare count
+    ours = loop == "loralab"
+    chunked = ours and bool(shape.vocab) and arch in PLAIN_HEAD_MODELS
+    return {"loss": "chunked" if chunked else "logits", "loss_chunk_rows": chunk_rows(shape.vocab) if chunked else 0,
+            "fused_mlp": ours and shape.gated_mlp and arch.split("For")[0] + "MLP" in SWIGLU_MLPS}
+
+
 def estimate(config: EstimateConfig) -> dict:
     """Every figure of the plan, in bytes, and the arithmetic behind it (key "text", a list of lines)."""
     from .targets import adapter_params, select
@@ -166,7 +188,9 @@ def estimate(config: EstimateConfig) -> dict:
     n = adapter_params(chosen, config.r)
     act = dict(batch=config.batch, seq=config.seq, lora_dropout=config.lora_dropout,
                gradient_checkpointing=config.gradient_checkpointing)
-    lora_act = activation_memory(shape, act_bytes=pw, adapted=chosen, r=config.r, autocast=config.autocast, **act)
+    savings = loop_savings(shape, config.loop)
+    lora_act = activation_memory(shape, act_bytes=pw, adapted=chosen, r=config.r, autocast=config.autocast,
+                                 **act, **savings)
     full = {}
     for name, (_, per) in FULL_FINETUNE.items():
         a = activation_memory(shape, act_bytes=4 if name == "fp32" else 2, full=True, **act)
@@ -195,7 +219,8 @@ def estimate(config: EstimateConfig) -> dict:
         "adapter": {"modules": len(chosen), "trainable_params": n, "percent_of_model": 100 * n / N,
                     "file_bytes": file_bytes},
         "full_finetune": full, "lora": lora, "qlora": dict(qlora, bits_per_parameter=bits),
-        "activations": {"lora": lora_act.to_dict()},
+        "activations": {"lora": lora_act.to_dict(), "loop": config.loop, "loss": savings["loss"],
+                        "fused_mlp": savings["fused_mlp"] and not config.gradient_checkpointing},
     }
     if config.variants:
         result["variants"] = {"count": config.variants, "full_copies": config.variants * N * pw,
@@ -244,7 +269,11 @@ def estimate_text(result: dict, shape, chosen, lora_act, config: EstimateConfig)
               f"{N - min(shape.quantizable_params, N):,} × {pw} B = {_gb(qlora['unquantized_weights'])}",
               adapter_line, f"  activations  {_gb(qlora['activations'])}", f"  total  {_gb(qlora['total'])}"]
     exact = shape.rms_norm and shape.gated_mlp
-    lines += ["", f"activations (LoRA, {config.dtype}; counted as in loralab/activations.py"
+    how = result["activations"]
+    kept = [k for k, on in (("the loss from the hidden states in chunks", how["loss"] == "chunked"),
+                            ("SwiGLU MLPs keeping gate and up only", how["fused_mlp"])) if on]
+    lines += ["", f"activations (LoRA, {config.dtype}, {LOOPS[config.loop]}"
+              + (f": {', '.join(kept)}" if kept else "") + "; counted as in loralab/activations.py"
               + (")" if exact else "; for LayerNorm/GELU blocks dropout masks and eager attention are not "
                  "counted: a lower bound)")]
     lines += [f"  {line}" for line in lora_act.text]

@@ -70,6 +70,67 @@ def test_saved_bytes_are_exact_for_a_llama(dtype, autocast, targets, dropout, ch
     assert (est.recompute > 0) == checkpointing
 
 
+def loralab_step_saved_bytes(model, ids, monkeypatch) -> int:
+    """saved_bytes of `loralab train`'s causal-LM step: the chunked loss, SwiGLU MLPs fused.  fused.py
+    installs its own saved-tensor hooks inside down_proj, and only the innermost hooks see a tensor, so its
+    hooks are composed with the recorder here: what its pack keeps (a tensor, or g and u) is recorded too."""
+    from loralab.fused import fused_swiglu
+    from loralab.trainer import batch_loss_sum
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def record(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+
+    outer = torch.autograd.graph.saved_tensors_hooks
+
+    class Recorded(outer):
+        def __init__(self, pack, unpack):
+            def recorded_pack(t):
+                kept = pack(t)
+                for x in (kept[:2] if isinstance(kept, tuple) else (kept,)):
+                    record(x)
+                return kept
+            super().__init__(recorded_pack, unpack)
+
+    def pack(t):
+        record(t)
+        return t
+    with outer(pack, lambda t: t), fused_swiglu(model) as fused:
+        monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", Recorded)
+        batch_loss_sum(model, {"input_ids": ids}, ids, "causal-lm")
+    return sum(seen.values()), bool(fused)
+
+
+LORA_CASES = [c for c in CASES if c[2] is not None] + [(torch.float32, False, ["down_proj"], 0.0, False),
+                                                      (torch.bfloat16, True, ["down_proj"], 0.1, False)]
+
+
+@pytest.mark.parametrize("dtype, autocast, targets, dropout, checkpointing", LORA_CASES)
+def test_saved_bytes_are_exact_for_loralab_trains_step(dtype, autocast, targets, dropout, checkpointing,
+                                                       monkeypatch):
+    from loralab.loss import chunk_rows
+    model, shape = _llama(dtype)
+    adapted = select(model, shape, targets)
+    add_lora(model, LoraConfig(r=8, target_modules=targets, lora_dropout=dropout))
+    if checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = torch.randint(0, 1000, (3, 32), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        measured, fused = loralab_step_saved_bytes(model, ids, monkeypatch)
+    kw = dict(batch=3, seq=32, act_bytes=2 if dtype == torch.bfloat16 else 4, adapted=adapted, r=8,
+              lora_dropout=dropout, gradient_checkpointing=checkpointing, autocast=autocast)
+    est = activation_memory(shape, loss="chunked", loss_chunk_rows=chunk_rows(1000), fused_mlp=True, **kw)
+    assert fused != checkpointing
+    assert est.saved == measured
+    standard = activation_memory(shape, **kw)
+    assert est.saved < standard.saved
+    assert est.at_backward == 3 * 31 * 1000 * (kw["act_bytes"] + 4 + (2 if dtype == torch.bfloat16 else 0))
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "bert"])
 def test_other_architectures_are_a_close_lower_bound(arch):
     """LayerNorm + GELU models (dropout off, exact GELU): the same terms land within 10% below."""

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from loralab.cli import main
 from loralab.estimate import (EstimateConfig, estimate, full_finetune_bytes, nf4_bits_per_parameter,
                               nf4_storage_bytes, parse_bytes, parse_count)
+from loralab.loss import chunk_rows
 from loralab.targets import Candidate, adapter_params
 from test_targets import BERT_BASE, GPT2_SMALL, LLAMA_7B, write_config
 
@@ -124,9 +125,9 @@ def test_which_assumption_gives_3_7_gb_for_a_4_bit_7b_base(llama_json):
 
 
 def test_lora_21_gb_and_qlora_7_gb_need_different_settings(llama_json):
-    def total(plan, **kw):
+    def total(plan, loop="standard", **kw):     # the write-ups count a standard step
         cfg = EstimateConfig(model=llama_json, quant="nf4" if plan == "qlora" else None, r=16,
-                             gradient_checkpointing=True, **kw)
+                             gradient_checkpointing=True, loop=loop, **kw)
         return estimate(cfg)[plan]["total"] / GB
     assert round(total("lora", batch=4, seq=2048)) == 21                       # 21.27 GB
     assert total("qlora", batch=1, seq=2048) < 7 < total("qlora", batch=2, seq=2048)   # 6.29 .. 8.08 GB
@@ -134,15 +135,44 @@ def test_lora_21_gb_and_qlora_7_gb_need_different_settings(llama_json):
     for batch in (1, 4):
         difference = total("lora", batch=batch, seq=2048) - total("qlora", batch=batch, seq=2048)
         assert difference == pytest.approx(9.61, abs=0.01)
+    # loralab train's step keeps no (tokens, vocab) logits: 2.49 GB less at batch 4 x 2048
+    assert round(total("lora", "loralab", batch=4, seq=2048), 2) == 18.78
+    assert round(total("qlora", "loralab", batch=2, seq=2048), 2) == 6.87
 
 
 def test_will_7b_qlora_r16_fit_in_24_gb_at_batch_4_seq_2048(llama_json):
-    def fit(**kw):
+    def fit(loop="standard", **kw):
         return estimate(EstimateConfig(model=llama_json, quant="nf4", r=16, batch=4, seq=2048, gpu_memory=24 * 10 ** 9,
-                                       **kw))["fit"]
+                                       loop=loop, **kw))["fit"]
     plain, checkpointed = fit(), fit(gradient_checkpointing=True)
     assert not plain["fits"] and round(-plain["margin"] / GB, 1) == 55.1          # 79.1 GB needed
     assert checkpointed["fits"] and round(checkpointed["margin"] / GB, 1) == 12.3  # 11.7 GB needed
+    ours = fit("loralab", gradient_checkpointing=True)
+    assert ours["fits"] and round(ours["needed"] / GB, 2) == 9.17
+
+
+def test_loralab_loop_counts_what_its_trainer_saves(llama_json):
+    """The chunked loss and the fused SwiGLU MLP apply where loss.py and fused.py support the model; the
+    standard loop, full fine-tuning and models they do not support are counted as before."""
+    def act(**kw):
+        return estimate(EstimateConfig(model=llama_json, r=16, batch=2, seq=512, **kw))
+    ours, standard = act(), act(loop="standard")
+    assert ours["activations"]["loss"] == "chunked" and ours["activations"]["fused_mlp"]
+    assert standard["activations"]["loss"] == "logits" and not standard["activations"]["fused_mlp"]
+    assert ours["full_finetune"] == standard["full_finetune"]
+    lo, st_ = ours["activations"]["lora"], standard["activations"]["lora"]
+    T, h, V, f, layers = 2 * 512, 4096, 32000, 11008, 32
+    assert lo["at_backward"] == min(chunk_rows(V), 2 * 511) * V * (2 + 4 + 2) and st_["at_backward"] == T * V * (2 + 4)
+    # per token: no labels and fp32 log-probs; per target position ∂loss/∂h and its mask; per block one
+    # f-wide tensor less (silu(gate); down_proj's fp32 adapter path keeps its own copy of the product)
+    assert st_["saved"] - lo["saved"] == T * (8 + 4 * V) + 4 - 2 * 511 * (2 * h + 1) + T * layers * 2 * f
+    checkpointed = act(gradient_checkpointing=True)["activations"]
+    assert checkpointed["loss"] == "chunked" and not checkpointed["fused_mlp"]
+    text = "\n".join(ours["text"])
+    assert "loralab train's step: the loss from the hidden states in chunks, SwiGLU MLPs keeping gate and up" in text
+    assert "while the chunked loss runs" in text
+    with pytest.raises(ValueError, match="loop='peft'.*loralab, standard"):
+        EstimateConfig(params=7_000_000_000, loop="peft")
 
 
 # ---- parsing and validation -------------------------------------------------------------------------------
@@ -202,6 +232,15 @@ def test_cli_config_files_for_llama_bert_gpt2(tmp_path, capsys, llama_json):
                   "--dtype", "fp32")
     assert out["adapter"]["trainable_params"] == 12 * 16 * (768 + 2304)
     assert out["lora"]["base_weights"] == 4 * 124_439_808
+    assert out["activations"]["loss"] == "chunked" and not out["activations"]["fused_mlp"]   # a GELU MLP
+
+
+def test_cli_loop(capsys, llama_json):
+    ours, err = _cli(capsys, "--model", llama_json)
+    standard, err_standard = _cli(capsys, "--model", llama_json, "--loop", "standard")
+    assert ours["inputs"]["loop"] == "loralab" and standard["inputs"]["loop"] == "standard"
+    assert ours["lora"]["activations"] < standard["lora"]["activations"]
+    assert "loralab train's step" in err and "a standard model(input_ids, labels).loss step" in err_standard
 
 
 def test_cli_errors(capsys):
