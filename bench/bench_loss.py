@@ -134,12 +134,12 @@ def _step(kind: str, model, opt, ids: torch.Tensor) -> float:
     if kind == "PEFT":
         return peft_style_step(model, opt, ids)
     from loralab.loss import causal_lm_loss_sum
-    from loralab.trainer import _loss_sum, _targets
+    from loralab.batch_loss import logits_loss_sum, target_count
     inputs, labels = {"input_ids": ids}, ids
     if kind == "loralab, fused loss":
         loss, count = causal_lm_loss_sum(model, inputs, labels)
     else:
-        loss, count = _loss_sum(model(**inputs).logits, labels, "causal-lm"), _targets(labels, "causal-lm")
+        loss, count = logits_loss_sum(model(**inputs).logits, labels, "causal-lm"), target_count(labels, "causal-lm")
     (loss / count).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -171,7 +171,7 @@ def loss_agreement() -> dict[str, float]:
     from bench_inference import _nonzero_b, reference_model
     from bench_train import copy_into_peft
     from loralab.loss import causal_lm_loss_sum
-    from loralab.trainer import _loss_sum, _targets
+    from loralab.batch_loss import logits_loss_sum, target_count
     base = reference_model()
     ours, theirs = build("loralab", base, dropout=0.0), build("PEFT", base, dropout=0.0)
     _nonzero_b(ours)
@@ -180,7 +180,7 @@ def loss_agreement() -> dict[str, float]:
     params = [p for p in ours.parameters() if p.requires_grad]
     fused, count = causal_lm_loss_sum(ours, {"input_ids": ids}, ids)
     fused_grads = torch.autograd.grad(fused / count, params)
-    logits = _loss_sum(ours(input_ids=ids).logits, ids, "causal-lm") / _targets(ids, "causal-lm")
+    logits = logits_loss_sum(ours(input_ids=ids).logits, ids, "causal-lm") / target_count(ids, "causal-lm")
     logits_grads = torch.autograd.grad(logits, params)
     with torch.no_grad():
         peft_loss = theirs(input_ids=ids, labels=ids).loss.item()

@@ -119,7 +119,7 @@ def floor_model(base):
 
 
 def floor_step(model, ids: torch.Tensor) -> float:
-    from loralab.trainer import causal_lm_step_loss
+    from loralab.batch_loss import causal_lm_step_loss
     start = time.perf_counter()
     causal_lm_step_loss(model, ids).backward()
     return time.perf_counter() - start

@@ -14,8 +14,8 @@ LoRA+ (Hayou et al. 2024, arXiv:2402.12354): B learns `loraplus_lr_ratio` times 
 zero and its useful learning rate is larger).  Losses are computed here, not by the model, so any nn.Module
 whose forward takes the batch's inputs and returns logits trains the same way: classify: logits (B, C) vs
 labels (B,); causal-lm: logits (B, T, V) vs labels (B, T) shifted by one — for a transformers causal LM whose
-logits are lm_head(hidden), from the last hidden state in chunks over the target tokens instead (loss.py:
-the (B, T, V) logits and their gradient never exist, prompt and padding tokens are never projected).
+logits are lm_head(hidden), from the last hidden state in chunks over the target tokens instead (batch_loss.py,
+loss.py: the (B, T, V) logits and their gradient never exist, prompt and padding tokens are never projected).
 """
 
 from __future__ import annotations
@@ -28,14 +28,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dd
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
-from .dataset import IGNORE_INDEX, TASKS, TokenizedData
+from .dataset import TASKS, TokenizedData
+from .batch_loss import batch_loss_sum, logits_loss_sum, model_logits, target_count
 from .fused import fused_swiglu
-from .loss import causal_lm_loss_sum
 
 __all__ = ["TrainConfig", "train", "evaluate", "lr_at", "History", "seed_everything", "make_optimizer",
            "enable_gradient_checkpointing", "SCHEDULES"]
@@ -150,42 +149,6 @@ def make_optimizer(params: dict[str, nn.Parameter], config: TrainConfig) -> torc
                               for (r, wd), ps in groups.items()], lr=config.lr)
 
 
-def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
-    out = model(**inputs)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if getattr(out, "logits", None) is not None else out[0]
-
-
-def _loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Σ cross-entropy over the targets (not the mean: the caller divides by the global count)."""
-    if task == "causal-lm":  # position t predicts token t+1
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-def batch_loss_sum(model: nn.Module, inputs: dict, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Σ cross-entropy over one batch's targets.  causal-lm: from the last hidden state in chunks, only on the
-    target rows (loss.causal_lm_loss_sum: never the (B, T, V) logits nor their gradient) whenever the model's
-    logits are exactly lm_head(hidden); otherwise, and for classify, from the model's logits."""
-    if task == "causal-lm":
-        found = causal_lm_loss_sum(model, inputs, labels)
-        if found is not None:
-            return found[0]
-    return _loss_sum(_logits(model, inputs), labels, task)
-
-
-def causal_lm_step_loss(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """The mean next-token loss of a batch of token ids (every position a target), as one training step
-    computes it: what `model(input_ids, labels=input_ids).loss` gives, the cheap way."""
-    return batch_loss_sum(model, {"input_ids": input_ids}, input_ids, "causal-lm") / (input_ids[:, 1:].numel())
-
-
-def _targets(labels: torch.Tensor, task: str) -> int:
-    return int(((labels[:, 1:] if task == "causal-lm" else labels) != IGNORE_INDEX).sum())
-
-
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -281,7 +244,7 @@ def _train(model, train_data, eval_data, config: TrainConfig, on_step, on_eval) 
         # Both sums live on the training device (nccl reduces device tensors only) and reach the host once.
         started = time.perf_counter()
         batches, n_examples = _micro_batches(data, order, position, config, rank, world)
-        targets = sum(_targets(b["labels"], config.task) for b in batches)
+        targets = sum(target_count(b["labels"], config.task) for b in batches)
         tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                      for b in batches if "input_ids" in b)
         count, tokens = dd.all_reduce_sum(torch.tensor([float(targets), float(tokens)], device=device)).unbind()
@@ -385,12 +348,12 @@ def evaluate(model: nn.Module, data, config: TrainConfig | None = None, batch_si
         labels = batch.pop("labels")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
             if config.task == "classify":
-                logits = _logits(model, batch)
-                loss += float(_loss_sum(logits, labels, config.task))
+                logits = model_logits(model, batch)
+                loss += float(logits_loss_sum(logits, labels, config.task))
                 correct += int((logits.argmax(-1) == labels).sum())
             else:
                 loss += float(batch_loss_sum(model, batch, labels, config.task))
-        count += _targets(labels, config.task)
+        count += target_count(labels, config.task)
     model.train(was_training)
     out = {"loss": loss / max(count, 1)}
     if config.task == "classify":

@@ -75,7 +75,7 @@ def loralab_step_saved_bytes(model, ids, monkeypatch) -> int:
     installs its own saved-tensor hooks inside down_proj, and only the innermost hooks see a tensor, so its
     hooks are composed with the recorder here: what its pack keeps (a tensor, or g and u) is recorded too."""
     from loralab.fused import fused_swiglu
-    from loralab.trainer import batch_loss_sum
+    from loralab.batch_loss import batch_loss_sum
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 

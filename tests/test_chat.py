@@ -81,12 +81,12 @@ def test_a_bpe_tokenizer_whose_tokens_carry_the_spaces():
 def test_the_loss_is_taken_on_the_assistant_tokens_only():
     """Through the trainer's loss: changing the logits at masked positions changes nothing, and the loss is the
     mean cross-entropy over the assistant tokens (computed independently here)."""
-    from loralab.trainer import _loss_sum
+    from loralab.batch_loss import logits_loss_sum
     tok = word_tokenizer()
     ids, labels = chat_example_of(tok)
     torch.manual_seed(0)
     logits = torch.randn(1, len(ids), len(tok), requires_grad=True)
-    loss = _loss_sum(logits, torch.tensor([labels]), "causal-lm")
+    loss = logits_loss_sum(logits, torch.tensor([labels]), "causal-lm")
     loss.backward()
     predicts = {i - 1 for i, t in enumerate(labels) if t != IGNORE_INDEX}   # position t predicts token t + 1
     touched = {int(i) for i in logits.grad[0].abs().sum(-1).nonzero()}
