@@ -36,7 +36,8 @@ That is a standard step, `model(input_ids, labels=...).loss` (as with PEFT or th
     loss        no log-probabilities, labels or logits: the chunked loss (loss.py) keeps ∂loss/∂h of the
                 target positions, p·h each, and their one-byte mask: batch·(seq − 1)·(p·h + 1) in all; while
                 it runs, one chunk's logits and their fp32 log-softmax, rows·V·(p + 4) (+ rows·V·p for the
-                16-bit copy of the gradient when p < 4), in place of the (T, V) logits and their gradient
+                16-bit copy of the gradient when p < 4; on CPU in fp32 one buffer serves both, so rows·V·4),
+                in place of the (T, V) logits and their gradient
     MLP         2·p·f: gate and up only (fused.py; not under gradient checkpointing), and down_proj's adapter
                 no longer keeps its f-wide input when a == p (recomputed from gate and up in backward)  With gradient checkpointing (non-reentrant, per
 block) each block keeps only its input (p·h per token) and one block is recomputed during backward, so
