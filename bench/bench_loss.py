@@ -133,8 +133,8 @@ def _step(kind: str, model, opt, ids: torch.Tensor) -> float:
     """One optimizer step as train() takes it: Σ loss / number of targets, backward, AdamW."""
     if kind == "PEFT":
         return peft_style_step(model, opt, ids)
-    from loralab.loss import causal_lm_loss_sum
     from loralab.batch_loss import logits_loss_sum, target_count
+    from loralab.loss import causal_lm_loss_sum
     inputs, labels = {"input_ids": ids}, ids
     if kind == "loralab, fused loss":
         loss, count = causal_lm_loss_sum(model, inputs, labels)
@@ -170,8 +170,8 @@ def loss_agreement() -> dict[str, float]:
     and PEFT's model(labels=...).loss."""
     from bench_inference import _nonzero_b, reference_model
     from bench_train import copy_into_peft
-    from loralab.loss import causal_lm_loss_sum
     from loralab.batch_loss import logits_loss_sum, target_count
+    from loralab.loss import causal_lm_loss_sum
     base = reference_model()
     ours, theirs = build("loralab", base, dropout=0.0), build("PEFT", base, dropout=0.0)
     _nonzero_b(ours)

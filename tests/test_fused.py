@@ -7,7 +7,8 @@ import torch
 
 from loralab import LoraConfig, add_lora
 from loralab.fused import SWIGLU_MLPS, fused_swiglu, swiglu_mlps
-from loralab.trainer import TrainConfig, causal_lm_step_loss, train
+from loralab.batch_loss import causal_lm_step_loss
+from loralab.trainer import TrainConfig, train
 
 CLASSES = {"LlamaMLP": ("llama", "LlamaConfig", "LlamaForCausalLM"),
            "MistralMLP": ("mistral", "MistralConfig", "MistralForCausalLM"),
