@@ -29,7 +29,9 @@ comes before its first adapter when no earlier block has one.  tests/test_activa
 against the bytes autograd really keeps (saved-tensor hooks) for a small Llama, in fp32 and bf16.
 
 The peak adds what exists only at the start of backward: the logits returned by the model (p·V per token)
-and the fp32 gradient of the log-probabilities (4V).
+and the fp32 gradient of the log-probabilities (4V).  With gradient checkpointing (non-reentrant, per
+block) each block keeps only its input (p·h per token) and one block is recomputed during backward, so
+the peak adds that block's tensors once.
 
 That is a standard step, `model(input_ids, labels=...).loss` (as with PEFT or the Hugging Face Trainer).
 `loralab train` keeps less (`loss="chunked"`, `fused_mlp=True`), and these terms change:
@@ -39,9 +41,8 @@ That is a standard step, `model(input_ids, labels=...).loss` (as with PEFT or th
                 16-bit copy of the gradient when p < 4; on CPU in fp32 one buffer serves both, so rows·V·4),
                 in place of the (T, V) logits and their gradient
     MLP         2·p·f: gate and up only (fused.py; not under gradient checkpointing), and down_proj's adapter
-                no longer keeps its f-wide input when a == p (recomputed from gate and up in backward)  With gradient checkpointing (non-reentrant, per
-block) each block keeps only its input (p·h per token) and one block is recomputed during backward, so
-the peak adds that block's tensors once.
+                no longer keeps its f-wide input when a == p (recomputed from gate and up in backward)
+tests/test_activations.py checks these too, on loralab's own step.
 
 Other architectures (GPT-2, BERT) use the same terms with LayerNorm and a plain MLP; their dropout masks
 and the attention probabilities of eager / math attention (a·seq per token) are not counted, so read those

@@ -28,7 +28,8 @@ def model_logits(model: nn.Module, inputs: dict) -> torch.Tensor:
 
 
 def logits_loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Σ cross-entropy over the targets (not the mean: the caller divides by the global count)."""
+    """Σ cross-entropy over the targets (not the mean: the caller divides by the global count).
+    logits: (B, C) with labels (B,) for classify; (B, T, V) with labels (B, T) for causal-lm."""
     if task == "causal-lm":  # position t predicts token t+1
         logits, labels = logits[:, :-1], labels[:, 1:]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from . import distributed as dd
+from .batch_loss import batch_loss_sum, logits_loss_sum, model_logits, target_count
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, trainable_parameters
 from .dataset import TASKS, TokenizedData
-from .batch_loss import batch_loss_sum, logits_loss_sum, model_logits, target_count
 from .fused import fused_swiglu
 
 __all__ = ["TrainConfig", "train", "evaluate", "lr_at", "History", "seed_everything", "make_optimizer",
