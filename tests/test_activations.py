@@ -12,17 +12,23 @@ from loralab.targets import llama_like_shape, select, shape_of
 _LAYOUT = llama_like_shape(1e9)
 
 
-def saved_bytes(model, ids, labels=True) -> int:
-    """Bytes of every distinct storage autograd saves during one forward pass (parameters excluded)."""
+def storage_recorder(model):
+    """(record(t), seen {storage pointer: bytes}): every distinct storage recorded once, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
-    def pack(t):
+    def record(t):
         storage = t.untyped_storage()
         if storage.data_ptr() not in params:
             seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
         return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    return record, seen
+
+
+def saved_bytes(model, ids, labels=True) -> int:
+    """Bytes of every distinct storage autograd saves during one forward pass (parameters excluded)."""
+    record, seen = storage_recorder(model)
+    with torch.autograd.graph.saved_tensors_hooks(record, lambda t: t):
         model(input_ids=ids, labels=ids) if labels else model(input_ids=ids)
     return sum(seen.values())
 
@@ -70,20 +76,14 @@ def test_saved_bytes_are_exact_for_a_llama(dtype, autocast, targets, dropout, ch
     assert (est.recompute > 0) == checkpointing
 
 
-def loralab_step_saved_bytes(model, ids, monkeypatch) -> int:
+def loralab_step_saved_bytes(model, ids, monkeypatch) -> tuple[int, bool]:
     """saved_bytes of `loralab train`'s causal-LM step: the chunked loss, SwiGLU MLPs fused.  fused.py
     installs its own saved-tensor hooks inside down_proj, and only the innermost hooks see a tensor, so its
-    hooks are composed with the recorder here: what its pack keeps (a tensor, or g and u) is recorded too."""
-    from loralab.fused import fused_swiglu
+    hooks are composed with the recorder here: what its pack keeps (a tensor, or g and u) is recorded too.
+    Returns (bytes, whether fused.py switched any MLP)."""
     from loralab.batch_loss import batch_loss_sum
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def record(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
-
+    from loralab.fused import fused_swiglu
+    record, seen = storage_recorder(model)
     outer = torch.autograd.graph.saved_tensors_hooks
 
     class Recorded(outer):
@@ -95,10 +95,7 @@ def loralab_step_saved_bytes(model, ids, monkeypatch) -> int:
                 return kept
             super().__init__(recorded_pack, unpack)
 
-    def pack(t):
-        record(t)
-        return t
-    with outer(pack, lambda t: t), fused_swiglu(model) as fused:
+    with outer(record, lambda t: t), fused_swiglu(model) as fused:
         monkeypatch.setattr(torch.autograd.graph, "saved_tensors_hooks", Recorded)
         batch_loss_sum(model, {"input_ids": ids}, ids, "causal-lm")
     return sum(seen.values()), bool(fused)
