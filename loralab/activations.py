@@ -16,8 +16,8 @@ element (2 for bf16/fp16, 4 for fp32), h hidden, h_kv key/value width, f MLP wid
                                    when a != p; when a == p x is the base's own tensor, already kept except
                                    down_proj's f-wide input and the q/k/v and gate/up inputs (p·h each, once)
                 (a + 1)·in         with lora_dropout > 0 when a != p or under autocast: the dropped copy
-                                   and a one-byte mask (when a == p without autocast loralab keeps x itself
-                                   and draws the mask again in backward: as without dropout)
+                                   and a one-byte mask (when a == p without autocast loralab keeps x itself,
+                                   as without dropout, and the one-byte mask: 1·in)
     under autocast also the 16-bit copies of A and B, p·r·(in + out) per module (not per token)
 
 A frozen Linear keeps nothing for its own weight, so LoRA keeps less than full fine-tuning except for the
@@ -82,11 +82,13 @@ def _norm_input(shape, p: int) -> int:
     return 4 * shape.hidden + 4 if shape.rms_norm else p * shape.hidden + 8
 
 
-def _adapter_terms(mods, shape, p: int, r: int, dropout: float, a: int, fused_mlp: bool = False) -> int:
+def _adapter_terms(mods, shape, p: int, r: int, dropout: float, a: int, fused_mlp: bool = False,
+                   masks: bool = False) -> int:
     """Bytes per token that adapters on `mods` (one block, or the modules outside the blocks) keep, with the
     adapter path computing in `a` bytes (4: loralab's fp32 path; p: under autocast); fused_mlp: down_proj's
-    input is recomputed in backward (fused.py)."""
-    total = 0
+    input is recomputed in backward (fused.py); masks: each keeps its one-byte dropout mask beside x
+    (functional._DroppedLoRA; `dropout` is then 0 for the rest)."""
+    total = sum(m.in_features for m in mods if m.kind != "Embedding") if masks else 0
     for m in mods:
         total += a * r                    # A·x, for B's grad
         if m.kind == "Embedding":
@@ -104,7 +106,7 @@ def _adapter_terms(mods, shape, p: int, r: int, dropout: float, a: int, fused_ml
 
 
 def block_bytes_per_token(shape, p: int, *, full: bool, adapted=(), r: int = 0, lora_dropout: float = 0.0,
-                          adapter_bytes: int = 4, fused_mlp: bool = False) -> dict:
+                          adapter_bytes: int = 4, fused_mlp: bool = False, masks: bool = False) -> dict:
     """The terms of one block, bytes per token: norms, attention, mlp, linear_inputs, adapters."""
     h, kv, f = shape.hidden, shape.kv_hidden, shape.intermediate
     fused_mlp = fused_mlp and shape.gated_mlp
@@ -112,7 +114,7 @@ def block_bytes_per_token(shape, p: int, *, full: bool, adapted=(), r: int = 0, 
             "attention": p * (2 * h + 2 * kv) + 4 * shape.heads,
             "mlp": p * ((2 if fused_mlp else 3) * f if shape.gated_mlp else f),
             "linear_inputs": p * (2 * h + f) if full else 0,
-            "adapters": _adapter_terms(adapted, shape, p, r, lora_dropout, adapter_bytes, fused_mlp)}
+            "adapters": _adapter_terms(adapted, shape, p, r, lora_dropout, adapter_bytes, fused_mlp, masks)}
 
 
 _ORDER = ("attn_in", "attn_out", "mlp_in", "mlp_out")
@@ -220,20 +222,21 @@ def activation_memory(shape, *, batch: int, seq: int, act_bytes: int, full: bool
         raise ValueError("the chunked loss needs loss_chunk_rows, the rows of one chunk (loss.chunk_rows(V))")
     fused_mlp = fused_mlp and not gradient_checkpointing
     a = p if autocast else 4
-    if a == p and not autocast:
-        lora_dropout = 0.0          # functional._DroppedLoRA: nothing of the dropout is kept for backward
+    masks = bool(lora_dropout) and a == p and not autocast
+    if masks:
+        lora_dropout = 0.0          # functional._DroppedLoRA: of the dropout only the masks are kept
     by_layer: dict = {}
     for m in adapted:
         by_layer.setdefault(m.layer, []).append(m)
     start = _start(shape, full, by_layer)
     partial = start is not None and not full and bool(by_layer.get(start))   # LoRA: gradients begin inside it
     blocks = [block_bytes_per_token(shape, p, full=full, adapted=by_layer.get(i, ()), r=r, lora_dropout=lora_dropout,
-                                    adapter_bytes=a, fused_mlp=fused_mlp) for i in range(shape.layers)]
+                                    adapter_bytes=a, fused_mlp=fused_mlp, masks=masks) for i in range(shape.layers)]
     kept = _kept(blocks, shape, start, partial, by_layer, p, lora_dropout, a, fused_mlp)
     widest = max(range(shape.layers), key=lambda i: sum(blocks[i].values()))
     per_block = sum(blocks[widest].values())
     rest = _outside(shape, p, full, start is not None,
-                    _adapter_terms(by_layer.get(None, ()), shape, p, r, lora_dropout, a), chunked)
+                    _adapter_terms(by_layer.get(None, ()), shape, p, r, lora_dropout, a, masks=masks), chunked)
     targets = batch * (seq - 1)
     # the chunked loss: ∂loss/∂h of every target position and their mask, in place of a fp32 loss scalar
     loss_kept = targets * (p * h + 1) if chunked else LOSS_BYTES

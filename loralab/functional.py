@@ -54,21 +54,21 @@ def delta_weight(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tens
 
 
 def keep_mask(x: torch.Tensor, p: float, generator: torch.Generator | None = None, *,
-              reuse: bool = False) -> tuple[torch.Tensor, float]:
+              reuse: bool = False, own_mask: bool = False) -> tuple[torch.Tensor, float]:
     """Dropout's keep mask for x, i.i.d. Bernoulli(1 - p) (bool, x's shape), and the keep probability.
 
     Drawn as 16-bit uniform integers, four from each 64-bit word of the global generator: about a third of
     the cost of F.dropout, whose bernoulli_ draws a float per element.  p is rounded to a multiple of 2^-16
     (|error| <= 7.7e-6) and the keep probability returned is the exact one, so E[x·keep / kept] = x.
     reuse: the words and the mask live in this thread's scratch buffers (`_scratch`), valid until its next
-    use; the same mask either way."""
+    use; the same mask either way.  own_mask (with reuse): the mask is a tensor of its own, to keep."""
     n = x.numel()
     words = _scratch((n + 3) // 4, torch.int64, x.device) if reuse else \
         torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device)
     words.random_(-2 ** 63, None, generator=generator)                    # all 64 bits
     lanes = words.view(torch.int16)[:n].view(x.shape)                      # uniform on [-2^15, 2^15)
     cut = min(round(p * 65536), 65535)                                     # drop a lane when below cut - 2^15
-    out = _scratch(n, torch.bool, x.device).view(x.shape) if reuse else None
+    out = _scratch(n, torch.bool, x.device).view(x.shape) if reuse and not own_mask else None
     return torch.ge(lanes, cut - 32768, out=out), 1.0 - cut / 65536
 
 
@@ -138,27 +138,21 @@ def _plain(out, x, A, B) -> bool:
             and not torch.is_autocast_enabled(x.device.type))
 
 
-def _generator_state(device: torch.device) -> torch.Tensor:
-    if device.type == "cpu":
-        return torch.default_generator.get_state()
-    return torch.get_device_module(device.type).get_rng_state(device)
-
-
 class _DroppedLoRA(torch.autograd.Function):
     """out + scale · B·A·(x ⊙ keep / kept) in training with dropout, keeping for backward x itself (which
-    several projections of one input share) and the generator state the mask came from, and drawing the same
-    mask again in backward: no dropped copy of x and no mask stay alive between forward and backward (on the
-    reference model, about 70 MB of the peak: bench/bench_train.py).  Gradients equal autograd's on the
-    dropped-x path (tests/test_train_dropout.py); the global generator advances exactly as there."""
+    several projections of one input share) and the one-byte mask, not a dropped copy of x (autograd's path
+    keeps x·keep beside x as well).  On the reference model the masks take 37 MB (the step's peak did not
+    move: 1,110 MB) and drawing them again in backward instead made a training step about 2% slower (an A/B
+    within one process).  Gradients equal autograd's
+    on the dropped-x path (tests/test_train_dropout.py); the global generator advances exactly as there."""
 
     @staticmethod
     def forward(ctx, out, x, A, B, p: float, scaling: float, inplace: bool = False):
-        state = _generator_state(x.device)
-        keep, kept = keep_mask(x, p, reuse=True)
+        keep, kept = keep_mask(x, p, reuse=True, own_mask=True)
         s = scaling / kept
         h = torch.mm(_dropped(x, keep), A.T).mul_(s)                                 # (N, r), scaled
-        ctx.save_for_backward(x, A, B, h)
-        ctx.p, ctx.s, ctx.state = p, s, state      # the state: a few KB, not a saved activation
+        ctx.save_for_backward(x, keep, A, B, h)
+        ctx.s = s
         if inplace:
             ctx.mark_dirty(out)
             out.view(-1, out.shape[-1]).addmm_(h, B.T)
@@ -167,16 +161,12 @@ class _DroppedLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        x, A, B, h = ctx.saved_tensors
-        state = ctx.state
+        x, keep, A, B, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])                                         # (N, out)
         need_out, need_x, need_A, need_B = ctx.needs_input_grad[:4]
         grad_B = g.T @ h if need_B else None                                         # (out, r)
         grad_x = grad_A = None
         if need_x or need_A:
-            generator = torch.Generator(x.device)
-            generator.set_state(state)
-            keep, _ = keep_mask(x, ctx.p, generator, reuse=True)                     # the forward's mask
             gh = (g @ B).mul_(ctx.s)                                                 # (N, r)
             if need_A:
                 grad_A = gh.T @ _dropped(x, keep)                                    # (r, in)
