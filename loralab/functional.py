@@ -143,8 +143,8 @@ class _DroppedLoRA(torch.autograd.Function):
     several projections of one input share) and the one-byte mask, not a dropped copy of x (autograd's path
     keeps x·keep beside x as well).  On the reference model the masks take 37 MB (the step's peak did not
     move: 1,110 MB) and drawing them again in backward instead made a training step about 2% slower (an A/B
-    within one process).  Gradients equal autograd's
-    on the dropped-x path (tests/test_train_dropout.py); the global generator advances exactly as there."""
+    within one process).  Gradients equal autograd's on the dropped-x path (tests/test_train_dropout.py); the
+    global generator advances exactly as there."""
 
     @staticmethod
     def forward(ctx, out, x, A, B, p: float, scaling: float, inplace: bool = False):
