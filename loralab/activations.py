@@ -64,9 +64,11 @@ class Activations:
     per_token_per_block: int    # bytes one block keeps per token without checkpointing (largest block)
     terms: dict                 # that figure's parts: norms, attention, mlp, linear_inputs, adapters
     saved: int                  # everything kept for backward when the forward pass ends
-    at_backward: int            # logits returned + fp32 grad of the log-probabilities
+    at_backward: int            # logits returned + fp32 grad of the log-probabilities (chunked: one chunk's)
     recompute: int              # gradient checkpointing: one block's tensors, recomputed in backward
     text: tuple = ()            # the arithmetic, one line per step
+    loss: str = "logits"        # the loss counted: "chunked" only where the model has an output head
+    fused_mlp: bool = False     # whether the fused SwiGLU MLP was counted (never under checkpointing)
 
     @property
     def total(self) -> int:
@@ -270,4 +272,5 @@ def activation_memory(shape, *, batch: int, seq: int, act_bytes: int, full: bool
         if V:
             lines.append(f"at the start of backward: the logits and the grad of the log-probs, {T:,} × {V:,} × "
                          f"({p} + 4) B = {at_backward:,} B")
-    return Activations(T, per_block, blocks[widest], saved, at_backward, recompute, tuple(lines))
+    return Activations(T, per_block, blocks[widest], saved, at_backward, recompute, tuple(lines),
+                       "chunked" if chunked else "logits", fused_mlp and shape.gated_mlp)

@@ -188,9 +188,8 @@ def estimate(config: EstimateConfig) -> dict:
     n = adapter_params(chosen, config.r)
     act = dict(batch=config.batch, seq=config.seq, lora_dropout=config.lora_dropout,
                gradient_checkpointing=config.gradient_checkpointing)
-    savings = loop_savings(shape, config.loop)
     lora_act = activation_memory(shape, act_bytes=pw, adapted=chosen, r=config.r, autocast=config.autocast,
-                                 **act, **savings)
+                                 **act, **loop_savings(shape, config.loop))
     full = {}
     for name, (_, per) in FULL_FINETUNE.items():
         a = activation_memory(shape, act_bytes=4 if name == "fp32" else 2, full=True, **act)
@@ -219,8 +218,8 @@ def estimate(config: EstimateConfig) -> dict:
         "adapter": {"modules": len(chosen), "trainable_params": n, "percent_of_model": 100 * n / N,
                     "file_bytes": file_bytes},
         "full_finetune": full, "lora": lora, "qlora": dict(qlora, bits_per_parameter=bits),
-        "activations": {"lora": lora_act.to_dict(), "loop": config.loop, "loss": savings["loss"],
-                        "fused_mlp": savings["fused_mlp"] and not config.gradient_checkpointing},
+        "activations": {"lora": lora_act.to_dict(), "loop": config.loop, "loss": lora_act.loss,
+                        "fused_mlp": lora_act.fused_mlp},
     }
     if config.variants:
         result["variants"] = {"count": config.variants, "full_copies": config.variants * N * pw,

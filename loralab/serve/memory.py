@@ -6,8 +6,9 @@ exceeds twice that threshold.  A server's forward allocates and frees the same a
 so each batch takes that memory back from the kernel page by page, every 4 KiB page a fault that the kernel
 zeroes: on the reference model a 32-row prefill took about 187,000 faults (730 MB), and ran 9-14% faster
 without them (bench/bench_serve.py).  `keep_freed_memory` fixes both thresholds high (mallopt): freed
-activations stay in the process and the next batch reuses them without a fault.  The price is that the resident size stays at
-the largest batch's working set instead of shrinking between batches, which is what a server wants anyway.
+activations stay in the process and the next batch reuses them without a fault.  The price is that the
+resident size stays at the largest batch's working set instead of shrinking between batches, which is what a
+server wants anyway.
 
 Only glibc (Linux) has these settings; elsewhere nothing changes.  `loralab serve --release-memory` keeps
 the defaults.
